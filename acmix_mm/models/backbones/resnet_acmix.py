@@ -1,0 +1,1 @@
+"""ResNet-ACMix backbone (being written)."""

@@ -1,0 +1,1 @@
+"""Swin-ACMix backbone (being written)."""

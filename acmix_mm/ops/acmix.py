@@ -1,0 +1,2 @@
+"""The ACMix operator (being written)."""
+ACMix = None

@@ -1,0 +1,66 @@
+"""acmix_mm's registry tree.
+
+The registries are children of mmengine's roots with scope ``acmix_mm``, so that a config in
+mmdet's or mmseg's scope can name ``type='acmix_mm.ResNetACMix'`` with no ``custom_imports``:
+mmengine imports ``acmix_mm.registry`` when it meets the ``acmix_mm.`` prefix, finds this scope
+among the root's children, and the ``locations`` below import the modules that register.
+
+For configs that import the package with ``custom_imports`` and then use a bare
+``type='ResNetACMix'``, :func:`mirror_into_openmmlab` also registers every acmix_mm model into
+mmdet's and mmseg's ``MODELS``, for whichever of the two is installed.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+
+from mmengine.registry import DATASETS as MMENGINE_DATASETS
+from mmengine.registry import MODELS as MMENGINE_MODELS
+from mmengine.registry import TRANSFORMS as MMENGINE_TRANSFORMS
+from mmengine.registry import Registry
+
+SCOPE = 'acmix_mm'
+
+MODELS = Registry('model', parent=MMENGINE_MODELS, scope=SCOPE, locations=['acmix_mm.models'])
+DATASETS = Registry('dataset', parent=MMENGINE_DATASETS, scope=SCOPE, locations=['acmix_mm.datasets'])
+TRANSFORMS = Registry('transform', parent=MMENGINE_TRANSFORMS, scope=SCOPE,
+                      locations=['acmix_mm.datasets'])
+
+# Downstream registries that receive a copy of every acmix_mm model, when installed.
+_DOWNSTREAM_MODEL_REGISTRIES = ('mmdet.registry', 'mmseg.registry')
+
+
+def mirror_into_openmmlab() -> list[str]:
+    """Register every acmix_mm model into mmdet's and mmseg's ``MODELS`` where installed.
+
+    Returns the scopes that received the models. A missing mmdet or mmseg is not an error:
+    a user may install only one of them.
+    """
+    mirrored = []
+    for module_name in _DOWNSTREAM_MODEL_REGISTRIES:
+        try:
+            downstream = importlib.import_module(module_name).MODELS
+        except ImportError:
+            continue
+        for name, cls in MODELS.module_dict.items():
+            if downstream.get(name) is not cls and name not in downstream.module_dict:
+                downstream.register_module(name=name, module=cls)
+        mirrored.append(downstream.scope)
+    return mirrored
+
+
+def acmix_model_names() -> list[str]:
+    """Names of every model type that acmix_mm registers."""
+    MODELS.import_from_location()
+    return sorted(MODELS.module_dict)
+
+
+def unknown_type_hint(type_name: str) -> str:
+    """A sentence for an error about an unknown model type: close matches and the ACMix types."""
+    bare = type_name.split('.', 1)[-1]
+    names = acmix_model_names()
+    close = difflib.get_close_matches(bare, names, n=3, cutoff=0.6)
+    hint = f'acmix_mm registers these model types: {", ".join(names)}.'
+    if close:
+        hint = f'Did you mean {" or ".join(repr(c) for c in close)}? ' + hint
+    return hint
