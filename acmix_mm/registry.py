@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import re
+from typing import Optional
 
 from mmengine.registry import DATASETS as MMENGINE_DATASETS
 from mmengine.registry import MODELS as MMENGINE_MODELS
@@ -64,3 +66,31 @@ def unknown_type_hint(type_name: str) -> str:
     if close:
         hint = f'Did you mean {" or ".join(repr(c) for c in close)}? ' + hint
     return hint
+
+
+_UNKNOWN_TYPE = re.compile(r'(\S+) is not in the \S* ?registry')
+
+
+def build_model(cfg: dict, registry: Optional[Registry] = None):
+    """Build a model from its config; an unknown ``type`` raises a KeyError naming acmix_mm's types.
+
+    Args:
+        cfg: a model config (a plain dict is turned into a ``ConfigDict``, as mmengine expects).
+        registry: where to build from; None means acmix_mm's ``MODELS`` (which also reaches every
+            mmengine-rooted registry through scope prefixes such as ``mmdet.``).
+    """
+    from mmengine.config import ConfigDict
+
+    if not isinstance(cfg, dict):
+        raise TypeError(f'a model config must be a dict, got {type(cfg).__name__}')
+    if not isinstance(cfg, ConfigDict):
+        cfg = ConfigDict(cfg)
+    registry = MODELS if registry is None else registry
+    try:
+        return registry.build(cfg)
+    except KeyError as err:
+        message = str(err.args[0]) if err.args else ''
+        match = _UNKNOWN_TYPE.search(message)
+        if match is None:
+            raise
+        raise KeyError(f'{message}\n{unknown_type_hint(match.group(1))}') from err

@@ -286,6 +286,7 @@ def test_norm_requires_grad_false_freezes_affine():
     (dict(depth=26, pretrained='a.pth', init_cfg=dict(type='Kaiming')), ValueError,
      'cannot both be set'),
     (dict(depth=26, pretrained=3), TypeError, 'pretrained must be a str'),
+    (dict(depth=26, init_cfg=dict(checkpoint='a.pth')), TypeError, 'dict with a "type" key'),
     (dict(depth=26, kernel_att=4), ValueError, 'kernel_att must be odd'),
     (dict(depth=26, attn_impl='fast'), ValueError, 'attn_impl must be one of'),
 ])

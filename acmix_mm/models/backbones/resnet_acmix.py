@@ -234,8 +234,11 @@ class ResNetACMix(BaseModule):
                           'use init_cfg=dict(type="Pretrained", checkpoint=...)',
                           DeprecationWarning, stacklevel=2)
             init_cfg = dict(type='Pretrained', checkpoint=pretrained)
-        if init_cfg is not None and not isinstance(init_cfg, (dict, list)):
-            raise TypeError(f'init_cfg must be a dict, a list of dicts or None, got {init_cfg!r}')
+        if init_cfg is not None:
+            cfgs = init_cfg if isinstance(init_cfg, list) else [init_cfg]
+            if not all(isinstance(c, dict) and 'type' in c for c in cfgs):
+                raise TypeError('init_cfg must be None, a dict with a "type" key or a list of such '
+                                f'dicts, got {init_cfg!r}')
         super().__init__(init_cfg)
 
         self.depth = depth
