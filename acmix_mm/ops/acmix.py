@@ -1,2 +1,208 @@
-"""The ACMix operator (being written)."""
-ACMix = None
+"""The ACMix operator: a drop-in replacement for a 3x3 convolution.
+
+ACMix (Pan et al., "On the Integration of Self-Attention and Convolution", CVPR 2022,
+arXiv:2111.14556) shares one set of 1x1 projections q, k, v between two branches:
+
+- attention: per head, every query attends to a ``kernel_att x kernel_att`` window of keys, with
+  a learned relative position term built from a 2-channel coordinate map;
+- convolution ("shift"): a 1x1 ``fc`` mixes the 3*head q/k/v heads into ``kernel_conv**2``
+  feature maps per head channel, and a grouped ``dep_conv`` (initialised as shifts) sums them
+  over a ``kernel_conv x kernel_conv`` neighbourhood;
+
+and returns ``rate1 * attention + rate2 * convolution``. This implementation keeps the
+authors' parameter names and shapes (their checkpoints load with ``strict=True``) and their
+outputs where their code runs, and also works where theirs fails: odd sizes at stride > 1,
+maps of 1-3 px, half precision / float64, ``kernel_conv != 3`` and ``dilation > 1``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .local_attention import ATTN_IMPLS, local_attention
+
+__all__ = ['ACMix']
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f'ACMix: {name} must be an int, got {type(value).__name__} {value!r}')
+    if value < 1:
+        raise ValueError(f'ACMix: {name} must be a positive int, got {value}')
+    return value
+
+
+class ACMix(nn.Module):
+    """ACMix layer (ResNet variant): maps (B, in_channels, H, W) to
+    (B, out_channels, ceil(H / stride), ceil(W / stride)), like
+    ``nn.Conv2d(in_channels, out_channels, 3, stride, padding=dilation, dilation=dilation)``.
+
+    Args:
+        in_channels: input channels C_in.
+        out_channels: output channels C_out; must be divisible by ``head``.
+        kernel_att: side of the attention window (odd, default 7).
+        head: number of attention heads; ``head_dim = out_channels // head``.
+        kernel_conv: side of the convolution branch's kernel (odd, default 3).
+        stride: output stride s (queries are taken at ``[::s, ::s]``).
+        dilation: spacing d of both the attention window's offsets and ``dep_conv``'s taps.
+        attn_impl: ``'lean'`` (memory-lean offset loop, see
+            :mod:`acmix_mm.ops.local_attention`), ``'unfold'`` (straightforward reference) or
+            ``'auto'`` (= ``'lean'``).
+
+    Parameters (the authors' names; shapes for C_in = C_out = 64, head = 4: 17,822 in total):
+
+    - ``rate1`` (1,), ``rate2`` (1,): weights of the attention / convolution branch (0.5 at init);
+    - ``conv1`` / ``conv2`` / ``conv3``: 1x1 convs with bias producing q / k / v, (C_out, C_in, 1, 1);
+      channel c belongs to head ``c // head_dim``;
+    - ``conv_p``: 1x1 conv with bias, 2 -> head_dim, turning the (x, y) coordinate map into the
+      positional encoding pe (shared by the heads);
+    - ``fc``: 1x1 conv without bias, 3*head -> kernel_conv**2, over the stacked [q, k, v] heads;
+    - ``dep_conv``: grouped kernel_conv x kernel_conv conv without bias, groups = head_dim,
+      kernel_conv**2 * head_dim -> C_out; initialised as a shift (:meth:`reset_parameters`).
+
+    Attention branch, per head: ``logit_ij = q_i . (k_j + pe_i - pe_j)`` with q scaled by
+    ``head_dim ** -0.5``, softmax over the window positions j, ``out_i = sum_j a_ij v_j``.
+    The coordinate map is ``linspace(-1, 1, W)`` (x) and ``linspace(-1, 1, H)`` (y) over the
+    current map, in the input's dtype and device. Since ``pe_i - pe_j = W_p (c_i - c_j)``, the
+    term ``q_i . pe_i`` is constant over j and ``conv_p.bias`` cancels, so the kernels compute
+    the same softmax as plain local attention with ``q' = [q, -W_p^T q]`` and ``k' = [k, c]``
+    (head_dim + 2 dims); ``conv_p.bias`` therefore gets an exactly-zero gradient, as in the
+    authors' model.
+
+    Semantics beyond the authors' code (which fails in these cases):
+
+    - Borders: keys, values and coordinates are extended by *repeated* reflection (numpy's
+      ``'reflect'``; torch's reflection padding wherever that is defined, i.e. pad < size),
+      via index gathering, so maps of any size work; a 1-px map attends kernel_att**2 times to
+      its single pixel.
+    - Stride: the window of output position (y, x) is centred on input position (y*s, x*s),
+      giving ceil(H / s) x ceil(W / s) outputs; ``dep_conv`` uses padding
+      ``dilation * (kernel_conv // 2)`` and stride s, which gives the same size.
+    - Dilation d: window offsets are spaced by d (padding ``d * (kernel_att - 1) // 2``), and
+      ``dep_conv`` is dilated by d.
+    - Precision: with float16/bfloat16 activations (autocast or a half-precision model), the
+      attention branch (logits, softmax, weighted sum) runs in float32 and is cast back to
+      the activations' dtype, so large logits do not overflow in fp16.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_att: int = 7, head: int = 4,
+                 kernel_conv: int = 3, stride: int = 1, dilation: int = 1,
+                 attn_impl: str = 'auto') -> None:
+        super().__init__()
+        for name, value in (('in_channels', in_channels), ('out_channels', out_channels),
+                            ('kernel_att', kernel_att), ('head', head),
+                            ('kernel_conv', kernel_conv), ('stride', stride),
+                            ('dilation', dilation)):
+            _check_positive_int(name, value)
+        if out_channels % head != 0:
+            raise ValueError(f'ACMix: out_channels ({out_channels}) must be divisible by head '
+                             f'({head})')
+        for name, value in (('kernel_att', kernel_att), ('kernel_conv', kernel_conv)):
+            if value % 2 == 0:
+                raise ValueError(f'ACMix: {name} must be odd (the window is centred on the '
+                                 f'query), got {value}')
+        if attn_impl not in ('auto',) + ATTN_IMPLS:
+            raise ValueError(f"ACMix: attn_impl must be one of {('auto',) + ATTN_IMPLS}, "
+                             f'got {attn_impl!r}')
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_att = kernel_att
+        self.head = head
+        self.head_dim = out_channels // head
+        self.kernel_conv = kernel_conv
+        self.stride = stride
+        self.dilation = dilation
+        self.attn_impl = 'lean' if attn_impl == 'auto' else attn_impl
+        self.padding_att = dilation * (kernel_att - 1) // 2
+
+        self.rate1 = nn.Parameter(torch.empty(1))
+        self.rate2 = nn.Parameter(torch.empty(1))
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=1)  # q
+        self.conv2 = nn.Conv2d(in_channels, out_channels, kernel_size=1)  # k
+        self.conv3 = nn.Conv2d(in_channels, out_channels, kernel_size=1)  # v
+        self.conv_p = nn.Conv2d(2, self.head_dim, kernel_size=1)
+        self.fc = nn.Conv2d(3 * head, kernel_conv * kernel_conv, kernel_size=1, bias=False)
+        self.dep_conv = nn.Conv2d(kernel_conv * kernel_conv * self.head_dim, out_channels,
+                                  kernel_size=kernel_conv, stride=stride,
+                                  padding=dilation * (kernel_conv // 2), dilation=dilation,
+                                  groups=self.head_dim, bias=False)
+        self.reset_parameters()
+
+    def shift_kernel(self) -> torch.Tensor:
+        """The shift initialisation of ``dep_conv.weight``: (C_out, k*k, k, k), input channel t
+        of every group one-hot at (t // k, t % k)."""
+        k = self.kernel_conv
+        eye = torch.eye(k * k, dtype=self.dep_conv.weight.dtype,
+                        device=self.dep_conv.weight.device)
+        return eye.view(1, k * k, k, k).expand(self.out_channels, -1, -1, -1).clone()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """rate1 = rate2 = 0.5 and the shift kernel in ``dep_conv``.
+
+        The 1x1 convs keep PyTorch's default init (as the authors'). Backbones whose init loop
+        overwrites every conv (e.g. kaiming) can call this afterwards to restore the shift.
+        """
+        self.rate1.fill_(0.5)
+        self.rate2.fill_(0.5)
+        self.dep_conv.weight.copy_(self.shift_kernel())
+
+    def extra_repr(self) -> str:
+        return (f'{self.in_channels}, {self.out_channels}, kernel_att={self.kernel_att}, '
+                f'head={self.head}, kernel_conv={self.kernel_conv}, stride={self.stride}, '
+                f'dilation={self.dilation}, attn_impl={self.attn_impl!r}')
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> (B, C_out, ceil(H / stride), ceil(W / stride))."""
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f'ACMix expects (B, {self.in_channels}, H, W), got '
+                             f'{tuple(x.shape)}')
+        # One 1x1 conv for q, k, v: channels [q | k | v], each (head, head_dim).
+        weight = torch.cat([self.conv1.weight, self.conv2.weight, self.conv3.weight])
+        bias = torch.cat([self.conv1.bias, self.conv2.bias, self.conv3.bias])
+        qkv = F.conv2d(x, weight, bias)
+        out_att = self._attention(qkv)
+        out_conv = self._convolution(qkv)
+        # Rates follow the branches' dtype so that autocast outputs stay in half precision.
+        return self.rate1.to(out_att.dtype) * out_att + self.rate2.to(out_conv.dtype) * out_conv
+
+    def _convolution(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Shift branch: fc over the 3*head axis, then dep_conv. (B, C_out, H_out, W_out)."""
+        b, _, h, w = qkv.shape
+        k2 = self.kernel_conv * self.kernel_conv
+        # (B, 3*head, head_dim, H*W): the [q heads, k heads, v heads] stack, a free view.
+        f_all = self.fc(qkv.reshape(b, 3 * self.head, self.head_dim, h * w))
+        # (B, head_dim * k2, H, W) with head_dim outer: channel d * k2 + t.
+        f_conv = f_all.view(b, k2, self.head_dim, h, w).transpose(1, 2).reshape(b, -1, h, w)
+        return self.dep_conv(f_conv)
+
+    def _attention(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Local-attention branch. (B, C_out, H_out, W_out) in qkv's dtype."""
+        b, _, h, w = qkv.shape
+        s, dim = self.stride, self.head_dim
+        out_dtype = qkv.dtype
+        # Half-precision logits overflow easily (|q.k| > 65504); compute the branch in fp32.
+        compute_dtype = torch.float32 if out_dtype in _HALF_DTYPES else out_dtype
+        qkv = qkv.to(compute_dtype)
+        # Views of qkv: the attention kernel saves these rather than copies.
+        q, k, v = qkv.view(b, 3, self.head, dim, h, w).unbind(1)  # (B, head, dim, H, W) each
+        q = q[..., ::s, ::s]
+        scale = dim ** -0.5
+
+        # q . (pe_i - pe_j) = (W_p^T q) . (c_i - c_j); the c_i part is constant over the window
+        # (the softmax drops it), leaving -(W_p^T q) . c_j. Elementwise, not einsum: autocast
+        # would run a matmul in half precision.
+        w_p = self.conv_p.weight.to(compute_dtype).view(dim, 2) * -scale
+        q_pos = torch.stack([(q * w_p[:, c].view(dim, 1, 1)).sum(2) for c in range(2)], dim=2)
+        coord_x = torch.linspace(-1.0, 1.0, w, dtype=compute_dtype, device=qkv.device)
+        coord_y = torch.linspace(-1.0, 1.0, h, dtype=compute_dtype, device=qkv.device)
+        out = local_attention(q, k, v, q_pos, coord_x, coord_y, self.kernel_att, self.dilation,
+                              s, scale, impl=self.attn_impl)
+        out = out.reshape(b, self.out_channels, *out.shape[-2:])
+        # conv_p.bias cancels in the softmax (zero gradient, as in the authors' model); this
+        # exact-zero term keeps it in the graph so that DDP does not flag it as unused.
+        out = out + 0.0 * self.conv_p.bias.sum()
+        return out.to(out_dtype)
