@@ -40,6 +40,15 @@ class ADE20KLayoutDataset(ADE20KDataset):
         # The class list names the stored labels in order: no remapping, nothing silently ignored.
         return None
 
+    def _update_palette(self) -> list:
+        # mmseg merges ADE20K's 150 colours into a shorter class list and would then refuse the
+        # mismatch; with no label_map the first K colours serve the K classes.
+        palette = self._metainfo.get('palette', [])
+        classes = self._metainfo.get('classes', [])
+        if len(palette) > len(classes):
+            return type(palette)(palette[:len(classes)])
+        return super()._update_palette()
+
     def load_data_list(self) -> list[dict]:
         """List the samples after checking that the folders and every label PNG exist."""
         img_dir = self.data_prefix.get('img_path', '')

@@ -1,0 +1,118 @@
+# CPU demo: Semantic FPN on a slim ResNet-ACMix-26 (base width 16), on ADE20K-layout synthetic
+# scenes (tools/make_demo_data.py ade). Trains from scratch on 2 CPU cores in a few minutes.
+#
+# ACMix: Pan et al., "On the Integration of Self-Attention and Convolution", CVPR 2022.
+# Everything but the sizes is mmseg's Semantic FPN + ADE20K setup, inherited from mmseg's bases:
+# EncoderDecoder + FPN + FPNHead, reduce_zero_label=True (stored 0 = ignore, 1..K = classes),
+# IoUMetric (mIoU/mAcc/aAcc). The dataset is mmseg's ADE20KDataset with checked folders and the
+# demo's own class names (acmix_mm.ADE20KLayoutDataset); the acmix_mm.Check* transforms stop at a
+# label PNG whose size or values are wrong.
+#
+#   make demo-seg                                   (tools/demo.py seg: data, train, test)
+#   python tools/train.py configs/demo/semfpn_acmix-r26-slim_shapes-ade.py \
+#       --cfg-options data_root=DIR                 (any ADE20K-layout folder with these classes)
+_base_ = [
+    'mmseg::_base_/models/fpn_r50.py', 'mmseg::_base_/datasets/ade20k.py',
+    'mmseg::_base_/default_runtime.py'
+]
+
+data_root = 'data/demo/shapes-ade'
+# Stored labels 1..K, in this order (acmix_mm.datasets.synthetic writes them).
+class_names = ('sky', 'disc', 'ground', 'box', 'spike')
+num_classes = len(class_names)
+crop_size = (96, 96)
+# Demo images are at most 128 px a side; the scale keeps them at their size (keep_ratio).
+img_scale = (128, 128)
+norm_cfg = dict(type='BN', requires_grad=True)  # one process on CPU: no SyncBN needed
+
+data_preprocessor = dict(
+    size=crop_size,  # training batches are padded to the crop (label padding: 255 = ignore)
+    test_cfg=dict(size_divisor=32))  # test images are padded to a multiple of the stride 32
+model = dict(
+    data_preprocessor=data_preprocessor,
+    pretrained=None,  # the base names open-mmlab://resnet50_v1c, another network
+    backbone=dict(
+        _delete_=True,  # mmseg's ResNetV1c arguments are replaced, not merged
+        type='acmix_mm.ResNetACMix',
+        depth=26,
+        base_channels=16,
+        num_stages=4,
+        out_indices=(0, 1, 2, 3),
+        strides=(1, 2, 2, 2),
+        norm_cfg=norm_cfg,
+        norm_eval=False,
+        style='pytorch'),
+    neck=dict(in_channels=[64, 128, 256, 512], out_channels=64, num_outs=4),
+    decode_head=dict(
+        in_channels=[64, 64, 64, 64],
+        channels=64,
+        num_classes=num_classes,
+        norm_cfg=norm_cfg,
+        dropout_ratio=0.0),
+    test_cfg=dict(mode='whole'))
+
+load_checks = [
+    dict(type='acmix_mm.CheckSegMapSize'),
+    dict(type='acmix_mm.CheckSegLabels', num_classes=num_classes, ignore_index=255),
+]
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', reduce_zero_label=True),
+    *load_checks,
+    dict(type='RandomResize', scale=img_scale, ratio_range=(0.75, 1.5), keep_ratio=True),
+    dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=0.75),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PackSegInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=img_scale, keep_ratio=True),
+    # labels are loaded after the resize: the metric compares at the image's own size
+    dict(type='LoadAnnotations', reduce_zero_label=True),
+    *load_checks,
+    dict(type='PackSegInputs'),
+]
+dataset_type = 'acmix_mm.ADE20KLayoutDataset'
+metainfo = dict(classes=class_names)
+train_dataloader = dict(
+    batch_size=8,
+    num_workers=0,
+    persistent_workers=False,
+    sampler=dict(type='InfiniteSampler', shuffle=True),
+    dataset=dict(
+        type=dataset_type,
+        data_root=data_root,
+        metainfo=metainfo,
+        data_prefix=dict(img_path='images/training', seg_map_path='annotations/training'),
+        pipeline=train_pipeline))
+val_dataloader = dict(
+    batch_size=4,
+    num_workers=0,
+    persistent_workers=False,
+    sampler=dict(type='DefaultSampler', shuffle=False),
+    dataset=dict(
+        type=dataset_type,
+        data_root=data_root,
+        metainfo=metainfo,
+        data_prefix=dict(img_path='images/validation', seg_map_path='annotations/validation'),
+        pipeline=test_pipeline))
+test_dataloader = val_dataloader
+val_evaluator = dict(type='IoUMetric', iou_metrics=['mIoU'])
+test_evaluator = val_evaluator
+
+max_iters = 300
+optim_wrapper = dict(
+    type='OptimWrapper',
+    optimizer=dict(type='AdamW', lr=2e-3, betas=(0.9, 0.999), weight_decay=0.01))
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=20),
+    dict(type='PolyLR', eta_min=1e-5, power=0.9, by_epoch=False, begin=20, end=max_iters),
+]
+train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=max_iters)
+val_cfg = dict(type='ValLoop')
+test_cfg = dict(type='TestLoop')
+default_hooks = dict(
+    logger=dict(type='LoggerHook', interval=20, log_metric_by_epoch=False),
+    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=max_iters),
+    visualization=dict(type='SegVisualizationHook', draw=False))
+randomness = dict(seed=0)
