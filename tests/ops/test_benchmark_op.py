@@ -1,0 +1,49 @@
+"""tools/benchmark_op.py: runs on a tiny shape and prints the tables; bad arguments fail clearly."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+_TOOL = os.path.join(os.path.dirname(__file__), '..', '..', 'tools', 'benchmark_op.py')
+
+
+@pytest.fixture(scope='module')
+def tool():
+    spec = importlib.util.spec_from_file_location('benchmark_op', _TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prints_tables(tool, capsys):
+    assert tool.main(['--shapes', '1,8,6,5', '--iters', '1', '--warmup', '0']) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith('| 1,8,6,5 | cpu |')]
+    assert [r.split('|')[3].strip() for r in rows[:3]] == ['unfold', 'lean', 'conv3x3']
+    peaks = [float(r.split('|')[5]) for r in rows[:3]]
+    assert peaks[1] < peaks[0]  # lean keeps less than unfold even on a tiny map
+    assert 'time lean/unfold | memory lean/unfold' in out
+    assert len(rows) == 4  # three measurements and one ratio row
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--shapes', '2,64,56'], 'shape must be four positive ints B,C,H,W'),
+    (['--shapes', '2,0,5,5'], 'shape must be four positive ints'),
+    (['--iters', '0'], 'must be a positive int'),
+    (['--impls', 'flash'], "invalid choice: 'flash'"),
+])
+def test_bad_arguments(tool, capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        tool.main(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the error raised without CUDA')
+def test_cuda_without_cuda(tool, capsys):
+    with pytest.raises(SystemExit):
+        tool.main(['--device', 'cuda'])
+    assert 'CUDA is not available' in capsys.readouterr().err

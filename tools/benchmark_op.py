@@ -1,0 +1,200 @@
+#!/usr/bin/env python
+"""Benchmark the ACMix operator's attention kernels against a 3x3 conv: time and peak memory.
+
+For each shape (B, C, H, W) and device, runs forward+backward of
+
+- ``unfold``: ``ACMix(C, C, attn_impl='unfold')`` (the straightforward kernel),
+- ``lean``: ``ACMix(C, C, attn_impl='lean')`` (the memory-lean kernel, the default),
+- ``conv3x3``: ``nn.Conv2d(C, C, 3, padding=1)`` (what ACMix replaces),
+- optionally ``lean+compile``: ``torch.compile`` of the lean module (compile time excluded),
+
+and prints the median time and the peak memory (see :mod:`acmix_mm.utils.memory`) as markdown
+tables, with the ratios lean/unfold, lean/conv3x3 and unfold/conv3x3.
+
+Example::
+
+    python tools/benchmark_op.py --shapes 2,64,56,56 1,64,200,336 --iters 3 --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from acmix_mm.ops import ACMix  # noqa: E402
+from acmix_mm.utils import PeakMemory  # noqa: E402
+
+IMPLS = ('unfold', 'lean', 'conv3x3', 'lean+compile')
+DEFAULT_SHAPES = ('2,64,56,56', '1,64,200,336')
+Shape = Tuple[int, int, int, int]
+
+
+def parse_shape(text: str) -> Shape:
+    """'B,C,H,W' -> (B, C, H, W) of positive ints; argparse turns the error into a usage error."""
+    parts = text.split(',')
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 4 or min(values) < 1:
+        raise argparse.ArgumentTypeError(
+            f'shape must be four positive ints B,C,H,W (e.g. 2,64,56,56), got {text!r}')
+    return values  # type: ignore[return-value]
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be a positive int, got {text!r}')
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'must be an int >= 0, got {text!r}')
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--shapes', nargs='+', type=parse_shape,
+                        default=[parse_shape(s) for s in DEFAULT_SHAPES],
+                        metavar='B,C,H,W', help=f'input shapes (default: {" ".join(DEFAULT_SHAPES)})')
+    parser.add_argument('--device', nargs='+', default=['cpu'], choices=['cpu', 'cuda'],
+                        help='devices to run on (default: cpu)')
+    parser.add_argument('--impls', nargs='+', default=['unfold', 'lean', 'conv3x3'],
+                        choices=IMPLS, help='what to run (default: unfold lean conv3x3)')
+    parser.add_argument('--iters', type=positive_int, default=3,
+                        help='timed forward+backward iterations (median reported; default 3)')
+    parser.add_argument('--warmup', type=non_negative_int, default=1,
+                        help='untimed iterations first (default 1)')
+    parser.add_argument('--threads', type=positive_int, default=None,
+                        help='torch CPU threads (default: torch\'s choice)')
+    parser.add_argument('--stride', type=positive_int, default=1, help='operator stride (default 1)')
+    parser.add_argument('--memory', choices=['allocator', 'rss'], default='allocator',
+                        help="peak memory as live tensor bytes ('allocator', default) or as the "
+                             "CPU process's RSS ('rss'); see acmix_mm.utils.memory")
+    return parser
+
+
+def build_module(impl: str, channels: int, stride: int) -> nn.Module:
+    if impl == 'conv3x3':
+        return nn.Conv2d(channels, channels, 3, stride=stride, padding=1)
+    module = ACMix(channels, channels, stride=stride,
+                   attn_impl='unfold' if impl == 'unfold' else 'lean')
+    return torch.compile(module) if impl == 'lean+compile' else module
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def run_case(impl: str, shape: Shape, device: torch.device, stride: int, iters: int,
+             warmup: int, memory: str = 'allocator') -> Tuple[float, int]:
+    """Median forward+backward seconds and peak bytes (above inputs and parameters)."""
+    torch.manual_seed(0)
+    module = build_module(impl, shape[1], stride).to(device)
+    x = torch.randn(*shape, device=device, requires_grad=True)
+    params = list(module.parameters())
+
+    def step() -> None:
+        x.grad = None
+        for p in params:
+            p.grad = None
+        module(x).sum().backward()
+
+    for _ in range(warmup + (1 if impl == 'lean+compile' else 0)):  # compile happens here
+        step()
+    x.grad = None
+    for p in params:
+        p.grad = None
+    # Measured on its own iteration: the CPU allocator method runs under the profiler.
+    with PeakMemory(device, memory if device.type == 'cpu' else 'allocator') as mem:
+        step()
+    times = []
+    for _ in range(iters):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    assert mem.peak_bytes is not None
+    return statistics.median(times), mem.peak_bytes
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> str:
+    return f'{a / b:.3g}' if a is not None and b else 'n/a'
+
+
+def format_tables(results: Dict[Tuple[Shape, str, str], Tuple[float, int]],
+                  shapes: Sequence[Shape], devices: Sequence[str], impls: Sequence[str]
+                  ) -> str:
+    lines = ['| shape (B,C,H,W) | device | impl | fwd+bwd median (ms) | peak memory (MB) |',
+             '|---|---|---|---:|---:|']
+    for shape in shapes:
+        for dev in devices:
+            for impl in impls:
+                seconds, peak = results[(shape, dev, impl)]
+                lines.append(f'| {",".join(map(str, shape))} | {dev} | {impl} | '
+                             f'{seconds * 1e3:.1f} | {peak / 2**20:.1f} |')
+    pairs = [(a, b) for a, b in (('lean', 'unfold'), ('lean', 'conv3x3'), ('unfold', 'conv3x3'),
+                                 ('lean+compile', 'conv3x3')) if a in impls and b in impls]
+    if pairs:
+        header = ' | '.join(f'time {a}/{b} | memory {a}/{b}' for a, b in pairs)
+        lines += ['', f'| shape (B,C,H,W) | device | {header} |',
+                  '|---|---|' + '---:|' * (2 * len(pairs))]
+        for shape in shapes:
+            for dev in devices:
+                cells = []
+                for a, b in pairs:
+                    ta, ma = results[(shape, dev, a)]
+                    tb, mb = results[(shape, dev, b)]
+                    cells += [_ratio(ta, tb), _ratio(ma, mb)]
+                lines.append(f'| {",".join(map(str, shape))} | {dev} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if 'cuda' in args.device and not torch.cuda.is_available():
+        parser.error('--device cuda was requested but CUDA is not available '
+                     f'(torch {torch.__version__}, cuda build: {torch.version.cuda})')
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    devices = list(dict.fromkeys(args.device))
+    impls = list(dict.fromkeys(args.impls))
+    results = {}
+    for shape in args.shapes:
+        for dev in devices:
+            for impl in impls:
+                results[(shape, dev, impl)] = run_case(impl, shape, torch.device(dev), args.stride,
+                                                       args.iters, args.warmup, args.memory)
+                seconds, peak = results[(shape, dev, impl)]
+                print(f'# {impl:>12} {dev} {shape}: {seconds * 1e3:.1f} ms, '
+                      f'{peak / 2**20:.1f} MB', file=sys.stderr, flush=True)
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} CPU threads, stride '
+          f'{args.stride}, median of {args.iters} after {args.warmup} warm-up, peak memory: '
+          f'{args.memory}\n')
+    print(format_tables(results, args.shapes, devices, impls))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
