@@ -1,0 +1,215 @@
+"""MMDataModule: the datasets, dataloaders and evaluators of an mmengine config, for Lightning.
+
+Everything is built through mmengine's registries under the config's ``default_scope``
+(datasets and transforms from ``DATASETS``/``TRANSFORMS``, samplers from ``DATA_SAMPLERS``,
+``collate_fn`` from ``FUNCTIONS``, metrics from ``METRICS``), with mmengine's own
+``Runner.build_dataloader`` so that batch size, workers, ``persistent_workers``, the sampler's
+``shuffle``/seed, a ``batch_sampler`` such as mmdet's ``AspectRatioBatchSampler`` and the
+worker seeding behave exactly as under mmengine's Runner.
+
+Distributed evaluation: Lightning's DistributedSampler (and mmengine's ``DefaultSampler`` with
+its default ``round_up=True``) pads the evaluation set so that every rank gets as many
+samples, which would score duplicated images. Evaluation samplers are therefore built with
+``round_up=False``: rank r reads indices r, r + W, r + 2W, ... and nothing is repeated.
+mmengine's ``Evaluator.evaluate(size)`` gathers the per-rank results with ``collect_results``,
+which interleaves them back in rank order (``zip_longest``) and truncates to ``size``, so the
+metric sees every image exactly once and in dataset order, computes on rank 0, and broadcasts.
+The Trainer must be built with ``use_distributed_sampler=False`` (see ``trainer.py``).
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Dict, Mapping, Optional
+
+from lightning.pytorch import LightningDataModule
+from mmengine.config import Config, ConfigDict
+from mmengine.evaluator import Evaluator
+from mmengine.registry import DATASETS, EVALUATOR, init_default_scope
+from mmengine.runner import Runner
+from torch.utils.data import DataLoader, Dataset
+
+from .config import ConfigLike, as_config
+
+SPLITS = ('train', 'val', 'test')
+_EVAL_SAMPLERS = ('DefaultSampler', 'mmengine.DefaultSampler')
+
+
+def check_dataset_paths(dataset_cfg: Mapping[str, Any], where: str) -> None:
+    """Raise FileNotFoundError if a dataset config names an annotation file or folder that is missing.
+
+    Paths are resolved as mmengine's ``BaseDataset`` resolves them (relative to ``data_root``).
+    Wrapper datasets (``dataset=``/``datasets=``) are checked recursively; remote paths
+    (``scheme://``) are left to their file backend.
+
+    Args:
+        dataset_cfg: a dataset config.
+        where: the config key it came from, for the message (e.g. ``'train_dataloader.dataset'``).
+    """
+    if 'dataset' in dataset_cfg and isinstance(dataset_cfg['dataset'], Mapping):
+        check_dataset_paths(dataset_cfg['dataset'], f'{where}.dataset')
+    for i, sub in enumerate(dataset_cfg.get('datasets') or []):
+        if isinstance(sub, Mapping):
+            check_dataset_paths(sub, f'{where}.datasets[{i}]')
+    data_root = dataset_cfg.get('data_root') or ''
+    if data_root and not _is_remote(data_root) and not os.path.isdir(data_root):
+        raise FileNotFoundError(f'{where}.data_root={data_root!r} is not a directory')
+
+    def resolve(path: str) -> str:
+        return path if os.path.isabs(path) or not data_root else os.path.join(data_root, path)
+
+    ann_file = dataset_cfg.get('ann_file')
+    if isinstance(ann_file, str) and ann_file and not _is_remote(ann_file):
+        if not os.path.isfile(resolve(ann_file)):
+            raise FileNotFoundError(f'{where}.ann_file={ann_file!r} does not exist '
+                                    f'(looked for {resolve(ann_file)!r})')
+    prefixes = dataset_cfg.get('data_prefix') or {}
+    if isinstance(prefixes, Mapping):
+        for key, folder in prefixes.items():
+            if isinstance(folder, str) and folder and not _is_remote(folder):
+                if not os.path.isdir(resolve(folder)):
+                    raise FileNotFoundError(f'{where}.data_prefix.{key}={folder!r} is not a directory '
+                                            f'(looked for {resolve(folder)!r})')
+
+
+def _is_remote(path: str) -> bool:
+    return '://' in path
+
+
+def build_evaluator(evaluator_cfg: Any, dataset: Dataset, where: str) -> Evaluator:
+    """Build an mmengine ``Evaluator`` from ``val_evaluator``/``test_evaluator`` for ``dataset``."""
+    if isinstance(evaluator_cfg, Evaluator):
+        evaluator = evaluator_cfg
+    elif isinstance(evaluator_cfg, Mapping) and 'metrics' in evaluator_cfg:
+        evaluator = EVALUATOR.build(ConfigDict(copy.deepcopy(dict(evaluator_cfg))))
+    elif isinstance(evaluator_cfg, (Mapping, list, tuple)):
+        metrics = evaluator_cfg
+        if isinstance(metrics, Mapping):
+            metrics = ConfigDict(copy.deepcopy(dict(metrics)))
+        else:
+            metrics = [ConfigDict(copy.deepcopy(dict(m))) for m in metrics]
+        evaluator = Evaluator(metrics)
+    else:
+        raise TypeError(f'{where} must be a metric dict, a list of them or an Evaluator, '
+                        f'got {type(evaluator_cfg).__name__}')
+    if hasattr(dataset, 'metainfo'):
+        evaluator.dataset_meta = dataset.metainfo
+    return evaluator
+
+
+class MMDataModule(LightningDataModule):
+    """Dataloaders and evaluators of ``{train,val,test}_dataloader`` / ``{val,test}_evaluator``.
+
+    Args:
+        cfg: an mmengine config (object, dict or path).
+        seed: the seed for samplers and dataloader workers (mmengine's ``randomness.seed``);
+            None reads ``cfg.randomness.seed`` and, without one, lets each sampler draw a
+            seed shared across ranks, as mmengine does.
+
+    Attributes (after :meth:`setup`):
+        datasets: ``{'train'|'val'|'test': Dataset}`` for the splits of the stage.
+        evaluators: ``{'val'|'test': Evaluator}``, each with its dataset's ``dataset_meta``.
+    """
+
+    def __init__(self, cfg: ConfigLike, seed: Optional[int] = None):
+        super().__init__()
+        self.cfg: Config = as_config(cfg)
+        if seed is None:
+            seed = (self.cfg.get('randomness') or {}).get('seed')
+        self.seed = seed
+        self.datasets: Dict[str, Dataset] = {}
+        self.evaluators: Dict[str, Evaluator] = {}
+
+    # -- building -------------------------------------------------------------------------------
+    def splits_for(self, stage: Optional[str]) -> tuple:
+        """The splits a Lightning stage needs: fit -> train (+ val if configured), etc."""
+        if stage == 'fit':
+            return ('train', 'val') if self.has_split('val') else ('train',)
+        if stage == 'validate':
+            return ('val',)
+        if stage in ('test', 'predict'):
+            return ('test',)
+        return tuple(s for s in SPLITS if self.has_split(s))
+
+    def has_split(self, split: str) -> bool:
+        return bool(self.cfg.get(f'{split}_dataloader'))
+
+    def check(self, stage: Optional[str]) -> None:
+        """Validate every config piece a stage needs, before anything is built."""
+        for split in self.splits_for(stage):
+            key = f'{split}_dataloader'
+            loader_cfg = self.cfg.get(key)
+            if not loader_cfg:
+                raise ValueError(f'the config has no {key}, which stage {stage!r} needs')
+            if 'dataset' not in loader_cfg:
+                raise ValueError(f'{key} has no dataset')
+            if isinstance(loader_cfg['dataset'], Mapping):
+                check_dataset_paths(loader_cfg['dataset'], f'{key}.dataset')
+            if split != 'train' and not self.cfg.get(f'{split}_evaluator'):
+                raise ValueError(f'{key} is set but the config has no {split}_evaluator: '
+                                 f'evaluation needs one (e.g. {split}_evaluator=dict(type=\'CocoMetric\', '
+                                 "ann_file=..., metric='bbox')) or remove the dataloader")
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self.check(stage)
+        scope = self.cfg.get('default_scope')
+        if scope:
+            init_default_scope(scope)
+        for split in self.splits_for(stage):
+            if split in self.datasets:
+                continue
+            dataset_cfg = self.cfg[f'{split}_dataloader']['dataset']
+            if isinstance(dataset_cfg, Mapping):
+                dataset = DATASETS.build(ConfigDict(copy.deepcopy(dict(dataset_cfg))))
+            else:
+                dataset = dataset_cfg
+            if hasattr(dataset, 'full_init'):
+                dataset.full_init()
+            self.datasets[split] = dataset
+            if split != 'train':
+                self.evaluators[split] = build_evaluator(self.cfg[f'{split}_evaluator'], dataset,
+                                                         f'{split}_evaluator')
+
+    def build_dataloader(self, split: str) -> DataLoader:
+        """A DataLoader of ``split``, built by mmengine's ``Runner.build_dataloader``."""
+        if split not in self.datasets:
+            self.setup({'train': 'fit', 'val': 'validate', 'test': 'test'}[split])
+        loader_cfg = copy.deepcopy(dict(self.cfg[f'{split}_dataloader']))
+        loader_cfg['dataset'] = self.datasets[split]
+        loader_cfg.setdefault('sampler', dict(type='DefaultSampler', shuffle=split == 'train'))
+        if split != 'train':
+            sampler = dict(loader_cfg['sampler'])
+            if sampler.get('type') in _EVAL_SAMPLERS:
+                sampler['round_up'] = False  # no padded duplicates in evaluation (module docstring)
+            else:
+                raise ValueError(f'{split}_dataloader.sampler.type={sampler.get("type")!r}: evaluation '
+                                 'needs DefaultSampler (it shards without padding)')
+            loader_cfg['sampler'] = sampler
+        if not loader_cfg.get('num_workers'):
+            # torch refuses persistent workers without workers; configs often set both.
+            loader_cfg.pop('persistent_workers', None)
+        diff_rank_seed = bool((self.cfg.get('randomness') or {}).get('diff_rank_seed', False))
+        return Runner.build_dataloader(ConfigDict(loader_cfg), seed=self.seed, diff_rank_seed=diff_rank_seed)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.build_dataloader('train')
+
+    def val_dataloader(self) -> DataLoader:
+        return self.build_dataloader('val')
+
+    def test_dataloader(self) -> DataLoader:
+        return self.build_dataloader('test')
+
+    def evaluator(self, split: str) -> Evaluator:
+        """The evaluator of ``'val'`` or ``'test'`` (built in :meth:`setup`)."""
+        if split not in self.evaluators:
+            self.setup({'val': 'validate', 'test': 'test'}[split])
+        return self.evaluators[split]
+
+    def dataset_meta(self) -> Optional[dict]:
+        """The ``metainfo`` of the first built dataset (classes, palette, ...), for checkpoints."""
+        for split in SPLITS:
+            dataset = self.datasets.get(split)
+            if dataset is not None and hasattr(dataset, 'metainfo'):
+                return dict(dataset.metainfo)
+        return None

@@ -1,0 +1,175 @@
+"""The optimiser and the parameter schedules of an mmengine config, for Lightning.
+
+The optimiser (with ``paramwise_cfg``) is built by mmengine's own ``build_optim_wrapper``; the
+schedules (``param_scheduler``) are mmengine's schedulers, built on that wrapper exactly as
+mmengine's ``Runner`` builds them (default ``end`` from the train loop, ``epoch_length`` for
+``convert_to_iter_based``). :class:`SchedulerStepper` then steps them when mmengine's
+``ParamSchedulerHook`` would: the iteration-based ones after every training iteration
+(every batch, also under gradient accumulation, as mmengine counts iterations), the
+epoch-based ones at the end of every training epoch.
+
+What the optimiser wrapper asks of the training loop, and Lightning does itself, is read out
+into :class:`OptimSettings`: gradient clipping (``clip_grad``), mixed precision
+(``type='AmpOptimWrapper'``) and gradient accumulation (``accumulative_counts``).
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+from typing import Any, List, Mapping, Optional, Sequence
+
+import torch
+from mmengine.config import ConfigDict
+from mmengine.optim import OptimWrapper, build_optim_wrapper
+from mmengine.optim.scheduler import _ParamScheduler
+from mmengine.registry import PARAM_SCHEDULERS
+
+from .config import LoopSpec
+
+_AMP_TYPES = ('AmpOptimWrapper', 'mmengine.AmpOptimWrapper')
+_PLAIN_TYPES = ('OptimWrapper', 'mmengine.OptimWrapper', None)
+# Keys of AmpOptimWrapper that Lightning's precision plugin takes over.
+_AMP_KEYS = ('dtype', 'loss_scale', 'use_fsdp')
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSettings:
+    """What ``optim_wrapper`` asks of the loop beyond the optimiser itself.
+
+    Attributes:
+        clip_grad: mmengine's ``clip_grad`` dict (``max_norm``/``norm_type`` for norm clipping, or
+            ``type='value'`` with ``clip_value``), or None.
+        precision: the Lightning precision the wrapper implies (``'16-mixed'``, ``'bf16-mixed'``)
+            or None for full precision.
+        accumulate_grad_batches: ``accumulative_counts`` (1 when absent).
+    """
+
+    clip_grad: Optional[dict] = None
+    precision: Optional[str] = None
+    accumulate_grad_batches: int = 1
+
+    @classmethod
+    def from_config(cls, optim_cfg: Mapping[str, Any]) -> 'OptimSettings':
+        wrapper_type = optim_cfg.get('type', 'OptimWrapper')
+        if wrapper_type not in _AMP_TYPES + _PLAIN_TYPES:
+            raise ValueError(f'optim_wrapper.type={wrapper_type!r} is not supported; allowed: '
+                             'OptimWrapper, AmpOptimWrapper')
+        precision = None
+        if wrapper_type in _AMP_TYPES:
+            dtype = optim_cfg.get('dtype')
+            if dtype in (None, 'float16', 'fp16', torch.float16):
+                precision = '16-mixed'
+            elif dtype in ('bfloat16', 'bf16', torch.bfloat16):
+                precision = 'bf16-mixed'
+            else:
+                raise ValueError(f'optim_wrapper.dtype={dtype!r} is not supported; '
+                                 "allowed: 'float16', 'bfloat16'")
+        accumulate = optim_cfg.get('accumulative_counts', 1)
+        if not isinstance(accumulate, int) or accumulate < 1:
+            raise ValueError(f'optim_wrapper.accumulative_counts must be a positive int, got {accumulate!r}')
+        clip_grad = optim_cfg.get('clip_grad')
+        if clip_grad is not None:
+            clip_grad = dict(clip_grad)
+            clip_type = clip_grad.get('type', 'norm')
+            if clip_type == 'norm' and 'max_norm' not in clip_grad:
+                raise ValueError(f'optim_wrapper.clip_grad={clip_grad} needs max_norm')
+            if clip_type == 'value' and 'clip_value' not in clip_grad:
+                raise ValueError(f'optim_wrapper.clip_grad={clip_grad} needs clip_value')
+            if clip_type not in ('norm', 'value'):
+                raise ValueError(f"optim_wrapper.clip_grad.type={clip_type!r}; allowed: 'norm', 'value'")
+        return cls(clip_grad, precision, accumulate)
+
+
+def build_optimizer(model: torch.nn.Module, optim_cfg: Mapping[str, Any]) -> OptimWrapper:
+    """Build ``optim_wrapper`` (optimizer + ``paramwise_cfg``) with mmengine's builder.
+
+    The wrapper is always a plain ``OptimWrapper``: mixed precision, clipping and accumulation
+    are Lightning's job (see :class:`OptimSettings`), so their keys are removed here and
+    ``AmpOptimWrapper`` (which insists on a GPU) is never instantiated.
+    """
+    cfg = copy.deepcopy(dict(optim_cfg))
+    if 'optimizer' not in cfg:
+        raise ValueError("optim_wrapper needs an 'optimizer', e.g. optimizer=dict(type='SGD', lr=0.02)")
+    cfg['type'] = 'OptimWrapper'
+    for key in _AMP_KEYS + ('clip_grad', 'accumulative_counts'):
+        cfg.pop(key, None)
+    return build_optim_wrapper(model, ConfigDict(cfg))
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, clip_grad: dict) -> Optional[torch.Tensor]:
+    """Clip the gradients of ``optimizer``'s parameters as mmengine's ``OptimWrapper`` does.
+
+    Returns the total gradient norm before clipping (norm clipping), else None.
+    """
+    params = [p for group in optimizer.param_groups for p in group['params']
+              if p.requires_grad and p.grad is not None]
+    if not params:
+        return None
+    kwargs = dict(clip_grad)
+    if kwargs.pop('type', 'norm') == 'value':
+        torch.nn.utils.clip_grad_value_(params, **kwargs)
+        return None
+    return torch.nn.utils.clip_grad_norm_(params, **kwargs)
+
+
+def build_param_schedulers(scheduler_cfg: Any, optim_wrapper: OptimWrapper, loop: LoopSpec,
+                           epoch_length: int) -> List[_ParamScheduler]:
+    """Build ``param_scheduler`` on ``optim_wrapper`` as mmengine's Runner does.
+
+    Args:
+        scheduler_cfg: one scheduler dict or a list of them (None gives no schedulers).
+        optim_wrapper: the wrapper whose param groups the schedules drive.
+        loop: the training loop; a scheduler without ``end`` ends with it (max_epochs for
+            epoch-based schedulers, max_iters for iteration-based ones), as in mmengine.
+        epoch_length: training batches per epoch, for ``convert_to_iter_based``.
+    """
+    if scheduler_cfg is None:
+        return []
+    cfgs: Sequence = [scheduler_cfg] if isinstance(scheduler_cfg, Mapping) else list(scheduler_cfg)
+    # mmengine: an IterBasedTrainLoop counts one epoch; an EpochBasedTrainLoop max_epochs*len iters.
+    max_epochs = loop.max_epochs if loop.by_epoch else 1
+    max_iters = loop.max_iters if not loop.by_epoch else loop.max_epochs * epoch_length
+    schedulers = []
+    for cfg in cfgs:
+        if not isinstance(cfg, Mapping):
+            raise TypeError(f'a param_scheduler entry must be a dict, got {cfg!r}')
+        cfg = copy.deepcopy(dict(cfg))
+        cfg.setdefault('end', max_epochs if cfg.get('by_epoch', True) else max_iters)
+        schedulers.append(PARAM_SCHEDULERS.build(
+            ConfigDict(cfg), default_args=dict(optimizer=optim_wrapper, epoch_length=epoch_length)))
+    return schedulers
+
+
+class SchedulerStepper:
+    """Steps mmengine schedulers at the moments mmengine's ``ParamSchedulerHook`` does."""
+
+    def __init__(self, schedulers: Sequence[_ParamScheduler]):
+        self.schedulers = list(schedulers)
+
+    def after_train_iter(self) -> None:
+        """After every training iteration (batch): the iteration-based schedules."""
+        for scheduler in self.schedulers:
+            if not scheduler.by_epoch:
+                scheduler.step()
+
+    def after_train_epoch(self) -> None:
+        """At the end of every training epoch: the epoch-based schedules."""
+        for scheduler in self.schedulers:
+            if scheduler.by_epoch:
+                scheduler.step()
+
+    def state_dict(self) -> List[dict]:
+        return [scheduler.state_dict() for scheduler in self.schedulers]
+
+    def load_state_dict(self, states: Sequence[dict]) -> None:
+        if len(states) != len(self.schedulers):
+            raise ValueError(f'the checkpoint holds {len(states)} parameter schedulers, '
+                             f'the config builds {len(self.schedulers)}')
+        for scheduler, state in zip(self.schedulers, states):
+            state = dict(state)
+            # Checkpoints hold plain dicts (see config.to_plain); give Counters their type back.
+            for key, value in state.items():
+                if isinstance(getattr(scheduler, key, None), collections.Counter) and isinstance(value, dict):
+                    state[key] = collections.Counter(value)
+            scheduler.load_state_dict(state)
