@@ -128,7 +128,9 @@ class MMLightningModule(LightningModule):
                              "optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.02, momentum=0.9))")
         optim_wrapper = build_optimizer(self.model, self.cfg.optim_wrapper)
         epoch_length = self._epoch_length()
-        schedulers = build_param_schedulers(self.cfg.get('param_scheduler'), optim_wrapper,
+        # On the torch optimiser, whose step() Lightning calls (mmengine's schedulers count those
+        # calls to warn about a wrong order); they change the same param_groups as on the wrapper.
+        schedulers = build_param_schedulers(self.cfg.get('param_scheduler'), optim_wrapper.optimizer,
                                             self.loop_spec(), epoch_length)
         self.stepper = SchedulerStepper(schedulers)
         if self._pending_scheduler_states is not None:
@@ -168,7 +170,7 @@ class MMLightningModule(LightningModule):
         batch_size = _batch_size(data)
         values = {f'train/{k}': v.detach() if isinstance(v, torch.Tensor) else v for k, v in log_vars.items()}
         values['train/lr'] = self.trainer.optimizers[0].param_groups[0]['lr']
-        self.log_dict(values, on_step=True, on_epoch=False, batch_size=batch_size, logger=True)
+        self.log_dict(values, on_step=True, on_epoch=False, batch_size=batch_size, logger=bool(self.trainer.loggers))
         self.log('loss', loss.detach(), prog_bar=True, on_step=True, on_epoch=False, logger=False,
                  batch_size=batch_size)
         return loss
@@ -196,7 +198,8 @@ class MMLightningModule(LightningModule):
         if self.optim_settings.clip_grad:
             grad_norm = clip_gradients(optimizer, self.optim_settings.clip_grad)
             if grad_norm is not None:
-                self.log('train/grad_norm', grad_norm, on_step=True, on_epoch=False, logger=True)
+                self.log('train/grad_norm', grad_norm, on_step=True, on_epoch=False,
+                         logger=bool(self.trainer.loggers))
         elif gradient_clip_val is not None:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 

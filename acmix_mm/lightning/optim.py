@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
-from typing import Any, List, Mapping, Optional, Sequence
+from typing import Any, List, Mapping, Optional, Sequence, Union
 
 import torch
 from mmengine.config import ConfigDict
@@ -113,13 +113,13 @@ def clip_gradients(optimizer: torch.optim.Optimizer, clip_grad: dict) -> Optiona
     return torch.nn.utils.clip_grad_norm_(params, **kwargs)
 
 
-def build_param_schedulers(scheduler_cfg: Any, optim_wrapper: OptimWrapper, loop: LoopSpec,
+def build_param_schedulers(scheduler_cfg: Any, optim_wrapper: Union[OptimWrapper, torch.optim.Optimizer], loop: LoopSpec,
                            epoch_length: int) -> List[_ParamScheduler]:
     """Build ``param_scheduler`` on ``optim_wrapper`` as mmengine's Runner does.
 
     Args:
         scheduler_cfg: one scheduler dict or a list of them (None gives no schedulers).
-        optim_wrapper: the wrapper whose param groups the schedules drive.
+        optim_wrapper: the wrapper (or torch optimiser) whose param groups the schedules drive.
         loop: the training loop; a scheduler without ``end`` ends with it (max_epochs for
             epoch-based schedulers, max_iters for iteration-based ones), as in mmengine.
         epoch_length: training batches per epoch, for ``convert_to_iter_based``.
