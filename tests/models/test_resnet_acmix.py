@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -303,3 +304,59 @@ def test_base_channels_not_divisible_by_head_is_fine_without_acmix():
 def test_wrong_input_shape_is_a_clear_error():
     with pytest.raises(ValueError, match=r'expects a \(B, 3, H, W\) input, got shape \(1, 1, 32, 32\)'):
         slim()(torch.randn(1, 1, 32, 32))
+
+
+# ------------------------------------------------------------------ pretrained loading
+def _authors_file(tmp_path, depth: int):
+    """The authors' training-script layout: weights under 'model', with the fc head."""
+    torch.manual_seed(3)
+    authors = AuthorsResNetACmix(depth)
+    randomise_eval_state(authors)
+    path = tmp_path / f'resnet_acmix{depth}_authors.pth'
+    torch.save({'model': authors.state_dict(), 'epoch': 299, 'max_accuracy': 76.1}, path)
+    return authors, path
+
+
+def test_init_cfg_pretrained_loads_authors_file_and_drops_fc(tmp_path):
+    from acmix_mm.models.checkpoint import CheckpointError
+    authors, path = _authors_file(tmp_path, 26)
+    model = ResNetACMix(26, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    report = model.load_pretrained(str(path))
+    assert sorted(k for k, _ in report.dropped) == ['fc.bias', 'fc.weight']
+    assert report.missing == [] and report.loaded == len(model.state_dict())
+
+    fresh = ResNetACMix(26, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    fresh.init_weights()
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, authors.state_dict()[key]), key
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for got, expected in zip(fresh.eval()(x), authors.eval().forward_stages(x)):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+    # A checkpoint of another depth does not fit: a clear error, nothing half-loaded silently.
+    other = ResNetACMix(38, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    with pytest.raises(CheckpointError, match='does not fit ResNetACMix'):
+        other.init_weights()
+    missing = ResNetACMix(26, init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'no.pth')))
+    with pytest.raises(FileNotFoundError):
+        missing.init_weights()
+
+
+def test_detector_config_loads_backbone_checkpoint(tmp_path):
+    """The config route: mmdet's init_weights reaches ResNetACMix's Pretrained loading."""
+    from mmengine.config import Config
+    from mmengine.registry import DefaultScope
+    from mmdet.registry import MODELS as MMDET_MODELS
+
+    from acmix_mm.registry import build_model
+    authors, path = _authors_file(tmp_path, 50)
+    repo = Path(__file__).resolve().parents[2]
+    cfg = Config.fromfile(str(repo / 'configs/acmix_resnet/retinanet_acmix-r50_fpn_1x_coco.py'))
+    cfg.model.backbone.init_cfg = dict(type='Pretrained', checkpoint=str(path))
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        detector = build_model(cfg.model, registry=MMDET_MODELS)
+    detector.init_weights()
+    for key in ['conv1.weight', 'layer3.5.conv2.dep_conv.weight', 'layer4.2.bn3.running_var',
+                'layer2.0.conv2.rate1']:
+        assert torch.equal(detector.backbone.state_dict()[key], authors.state_dict()[key]), key

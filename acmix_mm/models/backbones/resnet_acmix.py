@@ -365,14 +365,19 @@ class ResNetACMix(BaseModule):
             if isinstance(m, ACMix):
                 m.reset_parameters()
 
-    def load_pretrained(self, path: str) -> None:
+    def load_pretrained(self, path: str):
         """Load an ImageNet ResNet-ACMix checkpoint without running code from the file.
 
-        The authors' keys are this module's; their classifier ``fc.*`` has no counterpart here
-        and is dropped with a log line. Any other missing or unexpected key is an error.
+        Accepts the authors' layout (``{'model': state_dict, ...}``, keys as here) and mmengine /
+        Lightning / whole-detector files (see :mod:`acmix_mm.models.checkpoint`). The classifier
+        ``fc.*`` has no counterpart here and is dropped; the summary is logged. Any other
+        missing, unexpected or mis-shaped key raises ``CheckpointError``.
+
+        Returns:
+            The :class:`acmix_mm.models.checkpoint.LoadReport`.
         """
-        from ..checkpoint import load_backbone_state_dict
-        load_backbone_state_dict(self, path, drop_prefixes=('fc.',))
+        from ..checkpoint import convert_resnet_authors, load_backbone_weights
+        return load_backbone_weights(self, path, converter=convert_resnet_authors)
 
     # --------------------------------------------------------------- forward
     def _freeze_stages(self) -> None:
