@@ -165,7 +165,8 @@ def build_trainer(cfg: Config, work_dir: str, overrides: Optional[TrainerOverrid
         work_dir: where checkpoints and logs go.
         overrides: command-line values.
         validates: whether training validates (default: the config has ``val_dataloader``).
-        **extra: further ``Trainer`` arguments (win over everything).
+        **extra: further ``Trainer`` arguments (win over everything; ``callbacks`` are added to
+            the checkpoint callback, which ``enable_checkpointing=False`` removes).
     """
     overrides = overrides or TrainerOverrides()
     section = lightning_section(cfg)
@@ -200,6 +201,10 @@ def build_trainer(cfg: Config, work_dir: str, overrides: Optional[TrainerOverrid
                       val_check_interval=loop.val_interval, check_val_every_n_epoch=None)
     if not validates:
         kwargs['limit_val_batches'] = 0
-    kwargs.update(section.get('trainer_kwargs') or {})
-    kwargs.update(extra)
+    for source in (dict(section.get('trainer_kwargs') or {}), dict(extra)):
+        callbacks = list(source.pop('callbacks', None) or [])
+        kwargs.update(source)
+        kwargs['callbacks'] = kwargs['callbacks'] + callbacks
+    if kwargs.get('enable_checkpointing') is False:
+        kwargs['callbacks'] = [c for c in kwargs['callbacks'] if not isinstance(c, ModelCheckpoint)]
     return Trainer(**kwargs)
