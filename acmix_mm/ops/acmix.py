@@ -16,6 +16,8 @@ maps of 1-3 px, half precision / float64, ``kernel_conv != 3`` and ``dilation > 
 """
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -160,24 +162,41 @@ class ACMix(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f'ACMix expects (B, {self.in_channels}, H, W), got '
                              f'{tuple(x.shape)}')
-        # One 1x1 conv for q, k, v: channels [q | k | v], each (head, head_dim).
-        weight = torch.cat([self.conv1.weight, self.conv2.weight, self.conv3.weight])
-        bias = torch.cat([self.conv1.bias, self.conv2.bias, self.conv3.bias])
-        qkv = F.conv2d(x, weight, bias)
+        qkv = F.conv2d(x, *self._qkv_projection())
         out_att = self._attention(qkv)
         out_conv = self._convolution(qkv)
         # Rates follow the branches' dtype so that autocast outputs stay in half precision.
         return self.rate1.to(out_att.dtype) * out_att + self.rate2.to(out_conv.dtype) * out_conv
 
+    def _qkv_projection(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """conv1/conv2/conv3 as one 1x1 conv: weight (3*C_out, C_in, 1, 1) and bias (3*C_out,).
+
+        Output channels are ordered (head_dim, [q heads, k heads, v heads]), i.e. channel
+        ``d * 3*head + j`` is row ``d`` of head-stack entry ``j``, so that the convolution
+        branch is one grouped conv (groups = head_dim) reading contiguous channel groups.
+        """
+        stack = 3 * self.head
+        weight = torch.cat([self.conv1.weight, self.conv2.weight, self.conv3.weight])
+        bias = torch.cat([self.conv1.bias, self.conv2.bias, self.conv3.bias])
+        weight = weight.view(stack, self.head_dim, -1).transpose(0, 1).reshape(
+            stack * self.head_dim, self.in_channels, 1, 1)
+        bias = bias.view(stack, self.head_dim).t().reshape(-1)
+        return weight, bias
+
     def _convolution(self, qkv: torch.Tensor) -> torch.Tensor:
-        """Shift branch: fc over the 3*head axis, then dep_conv. (B, C_out, H_out, W_out)."""
-        b, _, h, w = qkv.shape
+        """Shift branch on the (head_dim, 3*head)-ordered qkv: (B, C_out, H_out, W_out).
+
+        The authors apply ``fc`` (1x1 over the 3*head stack, to kernel_conv**2 maps per
+        head_dim row) and then ``dep_conv`` (grouped by head_dim). Both are linear, so they
+        are applied as one grouped conv whose kernel is their product,
+        ``W[o, j] = sum_t dep_conv[o, t] * fc[t, j]``: the same function with no
+        (B, head_dim * kernel_conv**2, H, W) intermediate to store or keep for backward.
+        """
         k2 = self.kernel_conv * self.kernel_conv
-        # (B, 3*head, head_dim, H*W): the [q heads, k heads, v heads] stack, a free view.
-        f_all = self.fc(qkv.reshape(b, 3 * self.head, self.head_dim, h * w))
-        # (B, head_dim * k2, H, W) with head_dim outer: channel d * k2 + t.
-        f_conv = f_all.view(b, k2, self.head_dim, h, w).transpose(1, 2).reshape(b, -1, h, w)
-        return self.dep_conv(f_conv)
+        fc_weight = self.fc.weight.view(k2, 3 * self.head)
+        weight = torch.einsum('otyx,tj->ojyx', self.dep_conv.weight, fc_weight)
+        return F.conv2d(qkv, weight.to(qkv.dtype), None, self.dep_conv.stride,
+                        self.dep_conv.padding, self.dep_conv.dilation, self.head_dim)
 
     def _attention(self, qkv: torch.Tensor) -> torch.Tensor:
         """Local-attention branch. (B, C_out, H_out, W_out) in qkv's dtype."""
@@ -188,7 +207,8 @@ class ACMix(nn.Module):
         compute_dtype = torch.float32 if out_dtype in _HALF_DTYPES else out_dtype
         qkv = qkv.to(compute_dtype)
         # Views of qkv: the attention kernel saves these rather than copies.
-        q, k, v = qkv.view(b, 3, self.head, dim, h, w).unbind(1)  # (B, head, dim, H, W) each
+        q, k, v = qkv.view(b, dim, 3, self.head, h, w).permute(2, 0, 3, 1, 4, 5).unbind(0)
+        # q, k, v: (B, head, dim, H, W) each
         q = q[..., ::s, ::s]
         scale = dim ** -0.5
 

@@ -191,20 +191,24 @@ def test_shift_init(kernel_conv):
 @pytest.mark.parametrize('kernel_conv,dilation', [(3, 1), (5, 2)])
 def test_conv_branch_at_init_shifts_fc_outputs(kernel_conv, dilation):
     model = ACMix(8, 8, head=2, kernel_conv=kernel_conv, dilation=dilation)
+    with torch.no_grad():
+        model.rate1.fill_(0.0)  # the output is then the convolution branch alone
+        model.rate2.fill_(1.0)
+        model.fc.weight.normal_()
     x = torch.randn(1, 8, 6, 7)
-    qkv = F.conv2d(x, torch.cat([model.conv1.weight, model.conv2.weight, model.conv3.weight]),
-                   torch.cat([model.conv1.bias, model.conv2.bias, model.conv3.bias]))
     heads, dim, k = model.head, model.head_dim, kernel_conv
-    f_all = model.fc(qkv.view(1, 3 * heads, dim, 42)).view(1, k * k, dim, 6, 7)
+    stacked = torch.cat([conv(x).view(1, heads, dim, 42)
+                         for conv in (model.conv1, model.conv2, model.conv3)], dim=1)
+    f_all = model.fc(stacked).view(1, k * k, dim, 6, 7)
     pad = dilation * (k // 2)
     padded = F.pad(f_all, [pad] * 4)
     expected = torch.zeros(1, dim, 6, 7)
-    for t in range(k * k):
+    for t in range(k * k):  # fc output t shifted by kernel offset t and summed
         dy, dx = (t // k) * dilation, (t % k) * dilation
         expected += padded[:, t, :, dy:dy + 6, dx:dx + 7]
     # Output channel o reads group (head_dim index) o // head.
-    torch.testing.assert_close(model._convolution(qkv), expected.repeat_interleave(heads, 1),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model(x), expected.repeat_interleave(heads, 1),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_reset_parameters_restores_shift_after_kaiming():
