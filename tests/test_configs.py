@@ -121,7 +121,10 @@ def test_config_builds_trains_and_predicts(path):
             model = build(cfg)
             num_classes = cfg.model.decode_head.num_classes
             batch = seg_batch(num_classes, gen)
-            log_vars = loss_step(model, batch)
+            # Two images in the loss step: UperNet's pyramid pooling has a 1x1 branch whose BN
+            # cannot train on a single image (upstream trains it with SyncBN over 16 images).
+            log_vars = loss_step(model, dict(inputs=batch['inputs'] * 2,
+                                             data_samples=batch['data_samples'] * 2))
             assert any(k.endswith('loss_ce') for k in log_vars), log_vars
             for test_cfg in (dict(mode='whole'), dict(mode='slide', crop_size=(64, 96),
                                                       stride=(48, 64))):
@@ -140,7 +143,7 @@ def test_config_builds_trains_and_predicts(path):
             log_vars = loss_step(model, batch)
             assert any('loss_cls' in k for k in log_vars), log_vars
             if with_masks:
-                assert 'loss_mask' in log_vars
+                assert any(k.endswith('loss_mask') for k in log_vars), log_vars  # s0.loss_mask...
             model.eval()
             with torch.no_grad():
                 (pred,) = model.test_step(copy.deepcopy(batch))
