@@ -1,0 +1,356 @@
+#!/usr/bin/env python
+"""The CPU demos: synthetic data -> train (Lightning) -> test -> figures, with a quality floor.
+
+    python tools/demo.py det     (make demo)      Mask R-CNN on ResNet-ACMix, COCO-format shapes
+    python tools/demo.py seg     (make demo-seg)  Semantic FPN on ResNet-ACMix, ADE20K-layout scenes
+
+Each run:
+
+1. writes the task's synthetic dataset into the config's ``data_root`` if it is not there yet
+   (``acmix_mm.datasets.synthetic``; ``--data-root`` puts it elsewhere);
+2. trains the config through the Lightning wrapper (``acmix_mm.lightning.train``), logging
+   TensorBoard and CSV under ``WORK_DIR`` (default ``work_dirs/demo_<task>``);
+3. tests the last checkpoint (``acmix_mm.lightning.test``), drawing every prediction;
+4. writes ``WORK_DIR/demo_predictions.png`` (inputs, ground truth for seg, predictions) and
+   ``WORK_DIR/demo_curves.png`` (training losses and validation metrics from ``metrics.csv``),
+   and ``WORK_DIR/demo_result.json``;
+5. prints the metrics against the task's floor: PASS (exit 0) or FAIL (exit 1).
+
+Only the :data:`TASKS` table and the ground-truth drawing differ between ``det`` and ``seg``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import glob
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoTask:
+    """What differs between the demos.
+
+    Attributes:
+        config: the demo config, relative to the repository.
+        layout: the synthetic layout ('coco' or 'ade'), see tools/make_demo_data.py.
+        num_train, num_val: images generated per split.
+        floor_metric, floor: the run passes when ``metrics[floor_metric] >= floor``.
+        report: metrics printed at the end (the floor metric first).
+        val_image_glob: the validation images, relative to the data root (for the figure).
+        gt_label_dir: for segmentation, the validation label folder (drawn beside predictions).
+    """
+    config: str
+    layout: str
+    num_train: int
+    num_val: int
+    floor_metric: str
+    floor: float
+    report: Sequence[str]
+    val_image_glob: str
+    gt_label_dir: Optional[str] = None
+
+
+# Floors: about half of what the demo reaches on 2 CPU cores, and far above an untrained model
+# (measured numbers in README "Demos").
+TASKS: Dict[str, DemoTask] = {
+    'det': DemoTask(
+        config='configs/demo/maskrcnn_acmix-r26-slim_shapes-coco.py', layout='coco',
+        num_train=200, num_val=40, floor_metric='coco/bbox_mAP', floor=0.25,
+        report=('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/segm_mAP', 'coco/segm_mAP_50'),
+        val_image_glob='images/val/*.png'),
+    'seg': DemoTask(
+        config='configs/demo/semfpn_acmix-r26-slim_shapes-ade.py', layout='ade',
+        num_train=200, num_val=40, floor_metric='mIoU', floor=30.0,
+        report=('mIoU', 'mAcc', 'aAcc'),
+        val_image_glob='images/validation/*.jpg', gt_label_dir='annotations/validation'),
+}
+NUM_SHOWN = 6  # validation images in the predictions figure
+
+
+# -- configuration --------------------------------------------------------------------------------
+def replace_prefix(node: Any, old: str, new: str) -> Any:
+    """A copy of a config tree in which every string starting with ``old`` starts with ``new``.
+
+    mmengine resolves ``data_root + '...'`` when it reads a config, so moving the data means
+    rewriting every path derived from it (dataset roots, ``ann_file`` of ``CocoMetric``).
+    """
+    if isinstance(node, str):
+        return new + node[len(old):] if node.startswith(old) else node
+    if isinstance(node, Mapping):
+        return type(node)({k: replace_prefix(v, old, new) for k, v in node.items()})
+    if isinstance(node, (list, tuple)):
+        return type(node)(replace_prefix(v, old, new) for v in node)
+    return node
+
+
+def load_demo_config(task: DemoTask, data_root: Optional[str]):
+    """The task's config, with its data moved to ``data_root`` when given."""
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(str(REPO / task.config))
+    old = str(cfg.get('data_root') or '')
+    if not old:
+        raise ValueError(f'{task.config} defines no data_root; the demo needs one')
+    if data_root is not None:
+        new = str(data_root).rstrip('/') + ('/' if old.endswith('/') else '')
+        for key in list(cfg.keys()):
+            cfg[key] = replace_prefix(cfg[key], old, new)
+        cfg.data_root = new
+    if not os.path.isabs(cfg.data_root):
+        # Relative roots are relative to the repository, wherever the demo is started from.
+        abs_root = str(REPO / cfg.data_root) + ('/' if cfg.data_root.endswith('/') else '')
+        old = cfg.data_root
+        for key in list(cfg.keys()):
+            cfg[key] = replace_prefix(cfg[key], old, abs_root)
+        cfg.data_root = abs_root
+    return cfg
+
+
+# -- data -------------------------------------------------------------------------------------------
+def ensure_data(task: DemoTask, root: str, num_train: int, num_val: int, seed: int = 0) -> bool:
+    """Write the task's dataset into ``root`` unless a dataset of that layout is already there.
+
+    Returns:
+        True when it generated the data.
+
+    Raises:
+        FileExistsError: ``root`` holds something that is not a dataset of this layout.
+    """
+    from acmix_mm.datasets import synthetic
+
+    info = Path(root) / 'dataset_info.json'
+    if info.is_file():
+        layout = json.loads(info.read_text()).get('layout')
+        expected = {'coco': 'coco', 'ade': 'ade20k'}[task.layout]
+        if layout != expected:
+            raise FileExistsError(f'{root} holds a {layout!r} dataset; the {task.layout} demo '
+                                  f'needs {expected!r} (pass --data-root elsewhere)')
+        return False
+    if Path(root).exists() and any(Path(root).iterdir()):
+        raise FileExistsError(f'{root} is not empty and is not a synthetic demo dataset (no '
+                              'dataset_info.json); remove it or pass --data-root elsewhere')
+    generate = {'coco': synthetic.generate_coco_shapes, 'ade': synthetic.generate_ade_scenes}
+    generate[task.layout](root, num_train=num_train, num_val=num_val, seed=seed)
+    return True
+
+
+# -- figures ----------------------------------------------------------------------------------------
+def read_metrics_csv(work_dir: str) -> List[Dict[str, float]]:
+    """Rows of the newest ``WORK_DIR/csv/version_*/metrics.csv`` (empty cells dropped)."""
+    paths = sorted(glob.glob(os.path.join(work_dir, 'csv', 'version_*', 'metrics.csv')),
+                   key=lambda p: int(Path(p).parent.name.split('_')[-1]))
+    if not paths:
+        raise FileNotFoundError(f'no csv/version_*/metrics.csv under {work_dir}: did training log?')
+    with open(paths[-1], newline='') as f:
+        return [{k: float(v) for k, v in row.items() if v not in ('', None)}
+                for row in csv.DictReader(f)]
+
+
+def plot_curves(rows: List[Dict[str, float]], metric_keys: Sequence[str], path: str) -> None:
+    """Training losses (left) and validation metrics (right) against the training step."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4))
+    loss_keys = sorted({k for r in rows for k in r if k.startswith('train/loss')})
+    for key in loss_keys:
+        pts = [(r['step'], r[key]) for r in rows if key in r and 'step' in r]
+        if pts:
+            xs, ys = zip(*pts)
+            ax_loss.plot(xs, ys, label=key[len('train/'):], lw=2 if key == 'train/loss' else 1)
+    ax_loss.set(xlabel='step', ylabel='loss', title='training losses', yscale='log')
+    ax_loss.legend(fontsize=7)
+    for key in metric_keys:
+        pts = [(r['step'], r[key]) for r in rows if key in r and 'step' in r]
+        if pts:
+            xs, ys = zip(*pts)
+            ax_metric.plot(xs, ys, marker='o', label=key)
+    ax_metric.set(xlabel='step', title='validation')
+    ax_metric.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _colour_labels(label_path: str, palette: Sequence[Sequence[int]]):
+    """A stored ADE20K-layout label PNG (0 = other, k = class k - 1) as an RGB image."""
+    import mmcv
+    import numpy as np
+
+    label = mmcv.imread(label_path, flag='unchanged')
+    lut = np.zeros((256, 3), dtype=np.uint8)
+    for k, colour in enumerate(palette):
+        lut[k + 1] = colour
+    return lut[label]
+
+
+def plot_predictions(task: DemoTask, data_root: str, show_dir: str, path: str,
+                     palette: Optional[Sequence[Sequence[int]]] = None) -> int:
+    """Rows of (input, [ground truth,] prediction) for the first validation images.
+
+    Returns:
+        The number of images drawn.
+    """
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    import mmcv
+
+    images = sorted(glob.glob(os.path.join(data_root, task.val_image_glob)))[:NUM_SHOWN]
+    if not images:
+        raise FileNotFoundError(f'no validation images {task.val_image_glob} under {data_root}')
+    cols = 3 if task.gt_label_dir else 2
+    fig, axes = plt.subplots(len(images), cols, figsize=(2.6 * cols, 2.6 * len(images)),
+                             squeeze=False)
+    for row, image_path in zip(axes, images):
+        stem = Path(image_path).stem
+        panels = [('input', mmcv.imread(image_path, channel_order='rgb'))]
+        if task.gt_label_dir:
+            label = os.path.join(data_root, task.gt_label_dir, stem + '.png')
+            panels.append(('ground truth', _colour_labels(label, palette or [])))
+        drawn = os.path.join(show_dir, stem + '.png')
+        if not os.path.isfile(drawn):
+            raise FileNotFoundError(f'test drew no {drawn}')
+        panels.append(('prediction', mmcv.imread(drawn, channel_order='rgb')))
+        for ax, (title, img) in zip(row, panels):
+            ax.imshow(img)
+            ax.set_title(f'{stem}: {title}', fontsize=7)
+            ax.axis('off')
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return len(images)
+
+
+# -- the pipeline ---------------------------------------------------------------------------------
+@dataclasses.dataclass
+class DemoResult:
+    metrics: Dict[str, Any]
+    floor_metric: str
+    floor: float
+    passed: bool
+    predictions_png: str
+    curves_png: str
+    train_seconds: float
+    test_seconds: float
+    work_dir: str
+
+
+def run_demo(task_name: str, work_dir: Optional[str] = None, data_root: Optional[str] = None,
+             num_train: Optional[int] = None, num_val: Optional[int] = None,
+             max_epochs: Optional[int] = None, max_steps: Optional[int] = None,
+             floor: Optional[float] = None, log: Callable[[str], None] = print) -> DemoResult:
+    """Data -> train -> test -> figures for one task of :data:`TASKS` (see module docstring).
+
+    ``max_epochs``/``max_steps`` shorten training (quick checks); ``floor`` replaces the task's.
+    """
+    if task_name not in TASKS:
+        raise ValueError(f'unknown demo {task_name!r}; allowed: {sorted(TASKS)}')
+    task = TASKS[task_name]
+    import acmix_mm  # noqa: F401  (registers the backbones and datasets)
+    from acmix_mm.lightning import TrainerOverrides, test, train
+
+    cfg = load_demo_config(task, data_root)
+    root = cfg.data_root
+    work_dir = os.path.abspath(work_dir or os.path.join(REPO, 'work_dirs', f'demo_{task_name}'))
+    if ensure_data(task, root, num_train or task.num_train, num_val or task.num_val):
+        log(f'[demo] wrote the {task.layout} dataset to {root}')
+    else:
+        log(f'[demo] using the dataset in {root}')
+
+    overrides = TrainerOverrides(max_epochs=max_epochs, max_steps=max_steps)
+    start = time.time()
+    extra = {}
+    if max_steps is not None:
+        # A shortened run still logs (the config's interval may exceed it).
+        extra['log_every_n_steps'] = max(1, min(max_steps, 10))
+    train(cfg.copy(), work_dir=work_dir, overrides=overrides, enable_progress_bar=False, **extra)
+    train_seconds = time.time() - start
+    ckpt = os.path.join(work_dir, 'checkpoints', 'last.ckpt')
+    show_dir = os.path.join(work_dir, 'show')
+    start = time.time()
+    metrics = test(cfg.copy(), ckpt, work_dir=work_dir, show_dir=show_dir,
+                   enable_progress_bar=False)
+    test_seconds = time.time() - start
+
+    curves_png = os.path.join(work_dir, 'demo_curves.png')
+    plot_curves(read_metrics_csv(work_dir), task.report, curves_png)
+    predictions_png = os.path.join(work_dir, 'demo_predictions.png')
+    palette = cfg.get('metainfo', {}).get('palette')
+    if task.gt_label_dir and palette is None:
+        from acmix_mm.datasets.synthetic import ADE_PALETTE
+        palette = ADE_PALETTE
+    plot_predictions(task, root, show_dir, predictions_png, palette)
+
+    floor = task.floor if floor is None else floor
+    if task.floor_metric not in metrics:
+        raise KeyError(f'the test metrics lack {task.floor_metric!r}; got {sorted(metrics)}')
+    value = float(metrics[task.floor_metric])
+    result = DemoResult(metrics=metrics, floor_metric=task.floor_metric, floor=floor,
+                        passed=value >= floor, predictions_png=predictions_png,
+                        curves_png=curves_png, train_seconds=train_seconds,
+                        test_seconds=test_seconds, work_dir=work_dir)
+    with open(os.path.join(work_dir, 'demo_result.json'), 'w') as f:
+        json.dump(dataclasses.asdict(result), f, indent=2, default=str)
+    return result
+
+
+def summary(task_name: str, result: DemoResult) -> str:
+    """The lines printed at the end of a demo."""
+    task = TASKS[task_name]
+    lines = [f'[demo {task_name}] train {result.train_seconds:.0f} s, test {result.test_seconds:.0f} s']
+    for key in task.report:
+        if key in result.metrics:
+            lines.append(f'  {key:<18} {float(result.metrics[key]):.4f}')
+    verdict = 'PASS' if result.passed else 'FAIL'
+    value = float(result.metrics[result.floor_metric])
+    lines.append(f'{verdict}: {result.floor_metric} = {value:.4f} '
+                 f'{">=" if result.passed else "<"} floor {result.floor}')
+    lines.append(f'  predictions: {result.predictions_png}')
+    lines.append(f'  curves:      {result.curves_png}')
+    lines.append(f'  logs:        {result.work_dir} (tensorboard/, csv/), checkpoints/last.ckpt')
+    return '\n'.join(lines)
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument('task', choices=sorted(TASKS), help='det: detection demo; seg: segmentation')
+    p.add_argument('--work-dir', help='outputs (default work_dirs/demo_<task>)')
+    p.add_argument('--data-root', help="dataset folder (default: the config's data_root)")
+    p.add_argument('--num-train', type=int, help='training images to generate if data is missing')
+    p.add_argument('--num-val', type=int, help='validation images to generate if data is missing')
+    p.add_argument('--max-epochs', type=int, help='shorten training (quick checks)')
+    p.add_argument('--max-steps', type=int, help='shorten training to this many steps')
+    p.add_argument('--floor', type=float, help="replace the task's floor")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    for name in ('num_train', 'num_val', 'max_epochs', 'max_steps'):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            print(f'demo: error: --{name.replace("_", "-")} must be >= 1, got {value}',
+                  file=sys.stderr)
+            return 2
+    try:
+        result = run_demo(args.task, args.work_dir, args.data_root, args.num_train, args.num_val,
+                          args.max_epochs, args.max_steps, args.floor)
+    except (FileExistsError, FileNotFoundError, ValueError) as err:
+        print(f'demo: error: {err}', file=sys.stderr)
+        return 2
+    print(summary(args.task, result))
+    return 0 if result.passed else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())
