@@ -189,11 +189,12 @@ class _LeanLocalAttention(torch.autograd.Function):
         q_scaled = q * scale
         k_pad = _gather(k, rows, cols)
         logits = q.new_empty(*q.shape[:-3], len(slices), *q.shape[-2:])
+        product = torch.empty_like(q_scaled)  # reused: a fresh buffer per offset costs page faults
         for t, (sy, sx) in enumerate(slices):
             logit = logits[..., t, :, :]
-            torch.sum(q_scaled * k_pad[..., sy, sx], dim=-3, out=logit)
+            torch.sum(torch.mul(q_scaled, k_pad[..., sy, sx], out=product), dim=-3, out=logit)
             logit.addcmul_(pos_x, cx[sx]).addcmul_(pos_y, cy[sy].unsqueeze(-1))
-        del k_pad, q_scaled
+        del k_pad, q_scaled, product
         attn = torch.softmax(logits, dim=-3)
         del logits
         v_pad = _gather(v, rows, cols)
@@ -216,11 +217,13 @@ class _LeanLocalAttention(torch.autograd.Function):
         v_pad = _gather(v, rows, cols)
         grad_v_pad = torch.zeros_like(v_pad) if need_v else None
         grad_logits = torch.empty_like(attn)
+        product = torch.empty_like(grad_out)
         for t, (sy, sx) in enumerate(slices):
-            torch.sum(grad_out * v_pad[..., sy, sx], dim=-3, out=grad_logits[..., t, :, :])
+            torch.sum(torch.mul(grad_out, v_pad[..., sy, sx], out=product), dim=-3,
+                      out=grad_logits[..., t, :, :])
             if need_v:
                 grad_v_pad[..., sy, sx].addcmul_(attn[..., t:t + 1, :, :], grad_out)
-        del v_pad
+        del v_pad, product
         grad_v = _scatter_back(grad_v_pad, rows, cols, v.shape[-2:]) if need_v else None
         del grad_v_pad
         # Softmax backward, in place: attn * (g - sum_t attn_t g_t).
