@@ -49,10 +49,11 @@ def to_plain(obj: Any) -> Any:
     pass through. mmengine's metrics and message hub hand out numpy floats, which
     ``weights_only`` rejects, so every checkpoint goes through here before it is written.
     """
-    if obj is None or isinstance(obj, (bool, int, float, str, bytes, torch.Tensor)):
-        return obj
+    # First: np.float64 subclasses float, yet weights_only refuses it.
     if isinstance(obj, np.generic):
         return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes, torch.Tensor)):
+        return obj
     if isinstance(obj, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(obj))
     if isinstance(obj, (torch.device, torch.dtype)):

@@ -209,8 +209,16 @@ class MMLightningModule(LightningModule):
         self.stepper.after_train_iter()
         # Epoch-based schedules step when the epoch's training part ends, before the end-of-epoch
         # validation and checkpoint, so that a checkpoint holds the stepped schedule (as in mmengine).
-        if self.loop_spec().by_epoch and batch_idx + 1 == self.trainer.num_training_batches:
+        loop = self.loop_spec()
+        if loop.by_epoch and batch_idx + 1 == self.trainer.num_training_batches:
             self.stepper.after_train_epoch()
+        if not loop.by_epoch:
+            # mmengine's IterBasedTrainLoop counts batches. Under gradient accumulation Lightning
+            # also steps at every epoch end, so max_steps cannot say when max_iters batches are
+            # done; stop on the batch count (restored on resume with the loop's progress).
+            done = self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
+            if done >= loop.max_iters:
+                self.trainer.should_stop = True
 
     # -- evaluation -----------------------------------------------------------------------------
     def evaluator(self, split: str):

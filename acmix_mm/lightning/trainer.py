@@ -24,8 +24,10 @@ The ``lightning`` section (every key optional)::
 
 Loop mapping: ``EpochBasedTrainLoop(max_epochs, val_interval)`` -> ``max_epochs``,
 ``check_val_every_n_epoch=val_interval``; ``IterBasedTrainLoop(max_iters, val_interval)`` ->
-``max_steps=ceil(max_iters / accumulative_counts)`` (Lightning counts optimiser steps, mmengine
-counts batches), ``val_check_interval=val_interval`` batches across epochs.
+``max_steps=max_iters`` and a stop after ``max_iters`` batches (Lightning counts optimiser steps,
+mmengine counts batches; they differ under accumulation, where Lightning also takes an optimiser
+step at every end of a pass over the data while mmengine accumulates across it),
+``val_check_interval=val_interval`` batches across epochs.
 ``optim_wrapper.accumulative_counts`` -> ``accumulate_grad_batches``. ``val_begin`` is ignored.
 Checkpoints go to ``WORK_DIR/checkpoints`` after every validation (after every epoch, or every
 ``val_interval`` iterations, without validation), with ``last.ckpt`` kept up to date.
@@ -33,7 +35,6 @@ Checkpoints go to ``WORK_DIR/checkpoints`` after every validation (after every e
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import warnings
 from typing import Any, Dict, List, Mapping, Optional
@@ -197,7 +198,8 @@ def build_trainer(cfg: Config, work_dir: str, overrides: Optional[TrainerOverrid
     if loop.by_epoch:
         kwargs.update(max_epochs=loop.max_epochs, check_val_every_n_epoch=loop.val_interval)
     else:
-        kwargs.update(max_epochs=-1, max_steps=math.ceil(loop.max_iters / optim.accumulate_grad_batches),
+        # max_steps is an upper bound: with accumulation MMLightningModule stops on the batch count.
+        kwargs.update(max_epochs=-1, max_steps=loop.max_iters,
                       val_check_interval=loop.val_interval, check_val_every_n_epoch=None)
     if not validates:
         kwargs['limit_val_batches'] = 0

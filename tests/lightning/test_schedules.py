@@ -42,14 +42,14 @@ class LrProbeData(Dataset):
         return dict(inputs=torch.tensor([float(i), 1.0]))
 
 
-def _config(train_cfg, schedulers, tmp_path):
+def _config(train_cfg, schedulers, tmp_path, accumulate=1):
     return Config(dict(
         model=dict(type='_LrProbeModel'),
         work_dir=str(tmp_path / 'runner'),
         train_dataloader=dict(batch_size=2, num_workers=0, dataset=dict(type='_LrProbeData', n=6),
                               sampler=dict(type='DefaultSampler', shuffle=False)),
         train_cfg=train_cfg,
-        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1, momentum=0.9)),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1, momentum=0.9), accumulative_counts=accumulate),
         param_scheduler=schedulers,
         lightning=dict(enable_progress_bar=False, loggers=[]),
         default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=1000)),
@@ -119,3 +119,18 @@ def test_lr_sequence_equals_mmengine_runner(name, tmp_path):
     assert len(expected) == len(got) == n_iters
     assert len(set(round(v, 12) for v in expected)) > 2  # the schedule really moves
     assert got == pytest.approx(expected, rel=1e-12, abs=0)
+
+
+def test_lr_sequence_with_gradient_accumulation(tmp_path):
+    # mmengine steps iteration-based schedules every iteration (batch), not every optimiser step.
+    train_cfg, schedulers = CASES['iter: warm-up + multistep']
+    expected = _runner_lrs(_config(train_cfg, schedulers, tmp_path, accumulate=2))
+    cfg = _config(train_cfg, schedulers, tmp_path, accumulate=2)
+    module = MMLightningModule(cfg)
+    probe = _LightningLr()
+    trainer = build_trainer(cfg, str(tmp_path / 'pl'), callbacks=[probe], enable_checkpointing=False,
+                            accelerator='cpu')
+    assert trainer.accumulate_grad_batches == 2
+    trainer.fit(module, datamodule=MMDataModule(cfg))
+    assert len(expected) == len(probe.lrs) == 12
+    assert probe.lrs == pytest.approx(expected, rel=1e-12, abs=0)
