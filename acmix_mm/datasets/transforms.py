@@ -30,7 +30,7 @@ _MAX_LISTED_VALUES = 8
 def _seg_map(results: dict, transform: str) -> np.ndarray:
     """The loaded label map of ``results``; a clear error when nothing was loaded yet."""
     if 'gt_seg_map' not in results:
-        raise KeyError(f'{transform} found no "gt_seg_map" in the sample of '
+        raise ValueError(f'{transform} found no "gt_seg_map" in the sample of '
                        f'{results.get("img_path", "<unknown image>")!r}: place it after '
                        f"mmseg's LoadAnnotations in the pipeline")
     return results['gt_seg_map']
@@ -48,7 +48,7 @@ class CheckSegMapSize(BaseTransform):
     def transform(self, results: dict) -> dict:
         seg_map = _seg_map(results, type(self).__name__)
         if 'ori_shape' not in results:
-            raise KeyError(f'{type(self).__name__} found no "ori_shape" in the sample of '
+            raise ValueError(f'{type(self).__name__} found no "ori_shape" in the sample of '
                            f'{results.get("seg_map_path", "<unknown label map>")!r}: place it '
                            f'after LoadImageFromFile in the pipeline')
         image_hw = tuple(int(s) for s in results['ori_shape'][:2])
