@@ -106,8 +106,12 @@ def _numpy_safe_globals() -> List[Any]:
 
 
 def _plain(obj: Any) -> Any:
-    """Stand-in OrderedDicts (yacs nodes) -> plain dicts, recursively; everything else as is."""
-    if type(obj) is collections.OrderedDict and obj.__dict__:
+    """Stand-ins of yacs nodes -> plain dicts, recursively; everything else as is.
+
+    A stand-in is an OrderedDict that received yacs' ``__immutable__`` flag as an attribute;
+    other OrderedDicts (state_dicts, with their ``_metadata``) are kept as they are.
+    """
+    if type(obj) is collections.OrderedDict and '__immutable__' in obj.__dict__:
         return {k: _plain(v) for k, v in obj.items()}
     if type(obj) is dict:
         return {k: _plain(v) for k, v in obj.items()}

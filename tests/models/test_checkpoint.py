@@ -69,6 +69,21 @@ def test_authors_file_with_yacs_config_loads_as_plain_data(tmp_path):
     assert torch.equal(obj['model']['w'], torch.arange(3.0))
 
 
+def test_state_dict_metadata_survives(tmp_path):
+    module = torch.nn.BatchNorm2d(2)
+    path = authors_file(tmp_path / 'bn.pth', module.state_dict())
+    state = safe_load(path)['model']
+    assert type(state) is collections.OrderedDict
+    assert state._metadata == module.state_dict()._metadata
+
+
+def test_the_trap_is_armed(tmp_path):
+    """The payload used below does run under a plain unpickler (so the tests can fail)."""
+    marker = tmp_path / 'armed'
+    pickle.loads(pickle.dumps(_System(marker)))
+    assert marker.exists()
+
+
 def test_numpy_metadata_loads(tmp_path):
     path = tmp_path / 'mmengine.pth'
     torch.save({'state_dict': {'w': torch.ones(2)},
