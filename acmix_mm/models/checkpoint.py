@@ -40,7 +40,6 @@ __all__ = [
     'convert_resnet_authors', 'load_backbone_weights', 'load_backbone_state_dict',
 ]
 
-StateDict = 'collections.OrderedDict[str, torch.Tensor]'
 Converter = Callable[[Mapping[str, torch.Tensor]], Tuple[Dict[str, torch.Tensor], 'LoadReport']]
 
 
@@ -171,13 +170,17 @@ def safe_load(path: str | os.PathLike) -> Any:
             if not names:
                 match = _GLOBAL_IN_MESSAGE.search(message.split('WeightsUnpickler error:')[-1])
                 names = [match.group(1)] if match else ['<unknown>']
+            # torch's own wording suggests weights_only=False, the one thing not to do here: keep
+            # only its line that says what was refused.
             lines = [ln.strip() for ln in message.split('WeightsUnpickler error:')[-1].splitlines()]
-            detail = next((ln for ln in lines if ln), message)
+            detail = next((ln for ln in lines if ln and not ln.startswith(
+                ('Weights only load failed', 'Check the documentation', 'Please file'))), '')
+            detail = f' ({detail})' if detail else ''
             raise CheckpointError(
                 f'refusing to load checkpoint {path!r}: its pickle calls or builds '
                 f'{", ".join(names)}, which is not plain tensor/container data (nothing of it was '
                 f'executed). Only tensors, plain containers, numpy data and yacs CfgNode configs are '
-                f'accepted. ({detail})') from None
+                f'accepted.{detail}') from None
         raise CheckpointError(f'checkpoint {path!r} is corrupt or truncated: {message}') from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, OSError,
             AttributeError, IndexError, TypeError) as err:
