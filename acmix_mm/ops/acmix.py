@@ -87,7 +87,18 @@ class ACMix(nn.Module):
       ``dep_conv`` is dilated by d.
     - Precision: with float16/bfloat16 activations (autocast or a half-precision model), the
       attention branch (logits, softmax, weighted sum) runs in float32 and is cast back to
-      the activations' dtype, so large logits do not overflow in fp16.
+      the activations' dtype, so large logits do not overflow in fp16. The coordinate map
+      follows the computation's dtype and device.
+
+    Implementation notes (same function as the authors', different arithmetic order, so
+    results agree to float rounding, ~1e-6 relative in fp32):
+
+    - conv1/conv2/conv3 run as one 1x1 conv whose output channels are ordered
+      (head_dim, [q, k, v] heads), see :meth:`_qkv_projection`;
+    - ``fc`` then ``dep_conv`` run as one grouped conv with the product kernel (both are
+      linear), so the (B, head_dim * kernel_conv**2, H, W) intermediate is never stored;
+    - ``attn_impl='lean'`` never materialises the (B, C, kernel_att**2, H, W) windows and keeps
+      ~10x the input's bytes for backward (C = 64) instead of the authors' ~110x.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_att: int = 7, head: int = 4,

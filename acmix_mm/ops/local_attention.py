@@ -177,9 +177,9 @@ def unfold_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 class _LeanLocalAttention(torch.autograd.Function):
     """Offset-loop local attention whose backward recomputes the padded maps and their views.
 
-    Saved for backward: q, k, v exactly as given (typically views of the q/k/v projection,
-    which the 1x1 conv keeps anyway), q_pos, the coordinates and the attention weights
-    (..., K2, H_out, W_out).
+    Saved for backward: q, k, v exactly as given (in ACMix, views of the q/k/v projection,
+    which the convolution branch keeps anyway for its weight gradient), q_pos, the
+    coordinates and the attention weights (..., K2, H_out, W_out).
     """
 
     @staticmethod

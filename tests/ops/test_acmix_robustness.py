@@ -243,3 +243,14 @@ def test_non_int_argument_raises_type_error():
 def test_wrong_input_shape_raises():
     with pytest.raises(ValueError, match=r'expects \(B, 8, H, W\)'):
         ACMix(8, 8)(torch.randn(1, 4, 5, 5))
+
+
+@pytest.mark.parametrize('impl', ['lean', 'unfold'])
+def test_channels_last_input(impl):
+    model = _model(stride=2, attn_impl=impl)
+    x = torch.randn(2, 8, 9, 8)
+    x_cl = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = model(x_cl)
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-6)
+    out.sum().backward()
+    assert x_cl.grad.shape == x.shape and torch.isfinite(x_cl.grad).all()
