@@ -22,7 +22,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--shapes', nargs='+', type=parse_shape,
                         default=[parse_shape(s) for s in DEFAULT_SHAPES],
-                        metavar='B,C,H,W', help=f'input shapes (default: {" ".join(DEFAULT_SHAPES)})')
+                        metavar='B,C,H,W',
+                        help=f'input shapes (default: {" ".join(DEFAULT_SHAPES)})')
     parser.add_argument('--device', nargs='+', default=['cpu'], choices=['cpu', 'cuda'],
                         help='devices to run on (default: cpu)')
     parser.add_argument('--impls', nargs='+', default=['unfold', 'lean', 'conv3x3'],
@@ -85,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help='untimed iterations first (default 1)')
     parser.add_argument('--threads', type=positive_int, default=None,
                         help='torch CPU threads (default: torch\'s choice)')
-    parser.add_argument('--stride', type=positive_int, default=1, help='operator stride (default 1)')
+    parser.add_argument('--stride', type=positive_int, default=1,
+                        help='operator stride (default 1)')
     parser.add_argument('--memory', choices=['allocator', 'rss'], default='allocator',
                         help="peak memory as live tensor bytes ('allocator', default) or as the "
                              "CPU process's RSS ('rss'); see acmix_mm.utils.memory")

@@ -57,7 +57,8 @@ class ACMix(nn.Module):
     Parameters (the authors' names; shapes for C_in = C_out = 64, head = 4: 17,822 in total):
 
     - ``rate1`` (1,), ``rate2`` (1,): weights of the attention / convolution branch (0.5 at init);
-    - ``conv1`` / ``conv2`` / ``conv3``: 1x1 convs with bias producing q / k / v, (C_out, C_in, 1, 1);
+    - ``conv1`` / ``conv2`` / ``conv3``: 1x1 convs with bias producing q / k / v,
+      (C_out, C_in, 1, 1);
       channel c belongs to head ``c // head_dim``;
     - ``conv_p``: 1x1 conv with bias, 2 -> head_dim, turning the (x, y) coordinate map into the
       positional encoding pe (shared by the heads);

@@ -218,17 +218,21 @@ class _LeanLocalAttention(torch.autograd.Function):
         grad_v_pad = torch.zeros_like(v_pad) if need_v else None
         grad_logits = torch.empty_like(attn)
         product = torch.empty_like(grad_out)
+        # sum_t attn_t g_t for the softmax backward, accumulated here to avoid a K2-sized temp.
+        mean = attn.new_zeros(*attn.shape[:-3], 1, h_out, w_out)
         for t, (sy, sx) in enumerate(slices):
+            grad_t = grad_logits[..., t:t + 1, :, :]
             torch.sum(torch.mul(grad_out, v_pad[..., sy, sx], out=product), dim=-3,
-                      out=grad_logits[..., t, :, :])
+                      keepdim=True, out=grad_t)
+            mean.addcmul_(attn[..., t:t + 1, :, :], grad_t)
             if need_v:
                 grad_v_pad[..., sy, sx].addcmul_(attn[..., t:t + 1, :, :], grad_out)
         del v_pad, product
         grad_v = _scatter_back(grad_v_pad, rows, cols, v.shape[-2:]) if need_v else None
         del grad_v_pad
         # Softmax backward, in place: attn * (g - sum_t attn_t g_t).
-        mean = (grad_logits * attn).sum(dim=-3, keepdim=True)
         grad_logits.sub_(mean).mul_(attn)
+        del mean
 
         grad_q = grad_k = grad_pos = None
         if need_q or need_k:
@@ -247,11 +251,11 @@ class _LeanLocalAttention(torch.autograd.Function):
                 grad_q.mul_(scale)
             if need_k:
                 grad_k = _scatter_back(grad_k_pad, rows, cols, k.shape[-2:])
-        if need_pos:
-            cx_win = torch.stack([cx[sx] for _, sx in slices]).view(-1, 1, w_out)
-            cy_win = torch.stack([cy[sy] for sy, _ in slices]).view(-1, h_out, 1)
-            grad_pos = torch.stack([(grad_logits * cx_win).sum(-3),
-                                    (grad_logits * cy_win).sum(-3)], dim=-3)
+        if need_pos:  # d logit_t / d q_pos = (coord_x, coord_y) at the key read by offset t
+            grad_pos = q_pos.new_zeros(q_pos.shape)
+            for t, (sy, sx) in enumerate(slices):
+                grad_pos[..., 0, :, :].addcmul_(grad_logits[..., t, :, :], cx[sx])
+                grad_pos[..., 1, :, :].addcmul_(grad_logits[..., t, :, :], cy[sy].unsqueeze(-1))
         return grad_q, grad_k, grad_v, grad_pos, None, None, None, None, None, None
 
 
