@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional, Union
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.utilities import rank_zero_only
 from mmengine.config import Config, ConfigDict
+from mmengine.logging import MMLogger
 
 from .checkpoint import load_checkpoint_file, load_model_weights
 from .config import ConfigLike, LoopSpec, apply_loop_spec, as_config
@@ -132,6 +133,13 @@ def test(cfg: ConfigLike, checkpoint: str, work_dir: Optional[str] = None, out: 
         callbacks=callbacks)
     kwargs.update(trainer_kwargs)
     trainer = Trainer(**kwargs)
+    if trainer.is_global_zero:
+        # Metrics print their reports through mmengine's current logger (mmseg IoUMetric's
+        # per-class table, pycocotools' summary); a logger with a file keeps them in the work dir.
+        os.makedirs(work_dir, exist_ok=True)
+        stamp = time.strftime('%Y%m%d_%H%M%S')
+        MMLogger.get_instance(f'acmix_mm_test_{stamp}_{os.getpid()}',
+                              log_file=os.path.join(work_dir, f'test_{stamp}.log'))
     trainer.test(module, datamodule=datamodule, verbose=False)
     metrics = module.metrics.get('test', {})
     if trainer.is_global_zero:

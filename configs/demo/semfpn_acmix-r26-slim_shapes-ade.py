@@ -8,18 +8,21 @@
 # demo's own class names (acmix_mm.ADE20KLayoutDataset); the acmix_mm.Check* transforms stop at a
 # label PNG whose size or values are wrong.
 #
-#   make demo-seg                                   (tools/demo.py seg: data, train, test)
-#   python tools/train.py configs/demo/semfpn_acmix-r26-slim_shapes-ade.py \
-#       --cfg-options data_root=DIR                 (any ADE20K-layout folder with these classes)
+#   make demo-seg           (tools/demo.py seg [--data-root DIR]: data, train, test, figures)
+#   python tools/train.py configs/demo/semfpn_acmix-r26-slim_shapes-ade.py
+#   python tools/test.py configs/demo/semfpn_acmix-r26-slim_shapes-ade.py CKPT --out PRED_DIR
+# mmengine resolves data_root when it reads this file: to move the data, pass
+#   --cfg-options {train,val,test}_dataloader.dataset.data_root=DIR  (each of the three).
 _base_ = [
     'mmseg::_base_/models/fpn_r50.py', 'mmseg::_base_/datasets/ade20k.py',
     'mmseg::_base_/default_runtime.py'
 ]
+# (_base_ must come first: mmengine treats a config that starts with an import as a lazy config.)
+from acmix_mm.datasets.synthetic import ADE_CLASSES, ADE_PALETTE
 
 data_root = 'data/demo/shapes-ade'
-# Stored labels 1..K, in this order (acmix_mm.datasets.synthetic writes them).
-class_names = ('sky', 'disc', 'ground', 'box', 'spike')
-num_classes = len(class_names)
+# Stored labels 1..K name ADE_CLASSES in order (0 = clutter, ignored).
+num_classes = len(ADE_CLASSES)
 crop_size = (96, 96)
 # Demo images are at most 128 px a side; the scale keeps them at their size (keep_ratio).
 img_scale = (128, 128)
@@ -73,7 +76,7 @@ test_pipeline = [
     dict(type='PackSegInputs'),
 ]
 dataset_type = 'acmix_mm.ADE20KLayoutDataset'
-metainfo = dict(classes=class_names)
+metainfo = dict(classes=ADE_CLASSES, palette=ADE_PALETTE)
 train_dataloader = dict(
     batch_size=8,
     num_workers=0,
