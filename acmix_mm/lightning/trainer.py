@@ -126,7 +126,10 @@ def _checkpoint_callback(cfg: Config, section: Mapping[str, Any], loop: LoopSpec
         monitor, mode = 'step', 'max'  # keep the newest k, as mmengine's max_keep_ckpts does
     kwargs: Dict[str, Any] = dict(dirpath=os.path.join(work_dir, CHECKPOINT_DIR), filename='epoch={epoch}-step={step}',
                                   auto_insert_metric_name=False, save_last=options.get('save_last', True),
-                                  save_top_k=save_top_k, monitor=monitor, mode=mode or 'max')
+                                  save_top_k=save_top_k, monitor=monitor, mode=mode or 'max',
+                                  # Overwrite rather than write last-v1.ckpt (e.g. in a copied work
+                                  # dir), so that `--resume` always finds the newest in last.ckpt.
+                                  enable_version_counter=False)
     if not validates:
         if loop.by_epoch:
             kwargs.update(every_n_epochs=1, save_on_train_epoch_end=True)
