@@ -106,7 +106,7 @@ def test_models_are_mirrored_into_mmdet_and_mmseg():
 def test_model_names_and_hint():
     assert 'ResNetACMix' in acmix_model_names()
     hint = unknown_type_hint('acmix_mm.ResNetACMx')
-    assert hint.startswith("Did you mean 'ResNetACMix'?")
+    assert hint.startswith("Did you mean 'ResNetACMix'")
     assert 'acmix_mm registers these model types:' in hint and 'ResNetACMix' in hint
     assert 'Did you mean' not in unknown_type_hint('Completely')
 
@@ -122,7 +122,7 @@ def test_build_model_misspelt_type_lists_acmix_types(type_name):
         build_model(dict(type=type_name, depth=26))
     message = str(info.value)
     assert type_name in message and 'is not in the' in message
-    assert "Did you mean 'ResNetACMix'?" in message
+    assert "Did you mean 'ResNetACMix'" in message
     assert 'acmix_mm registers these model types:' in message
 
 
@@ -133,7 +133,7 @@ def test_build_model_misspelt_nested_backbone_in_mmdet_scope():
     with DefaultScope.overwrite_default_scope('mmdet'):
         with pytest.raises(KeyError) as info:
             build_model(cfg.model, registry=MMDET_MODELS)
-    assert "Did you mean 'ResNetACMix'?" in str(info.value)
+    assert "Did you mean 'ResNetACMix'" in str(info.value)
 
 
 def test_build_model_does_not_hide_other_errors():
