@@ -173,6 +173,11 @@ class ResNetACMix(BaseModule):
     s_i = 4 * strides[0] * ... * strides[i], sizes rounded up (a 63x97 input gives 16x25 at
     stride 4).
 
+    Norm layers keep torchvision's names (``bn1``, ``bn2``, ``bn3``, ``downsample.1``) whatever
+    their type, so checkpoints load across norm types (mmdet would call GN layers ``gn1``...).
+    Unlike mmdet's ResNet, ``norm_eval`` defaults to False: there are no released ImageNet
+    weights whose statistics would be worth freezing.
+
     Args:
         depth: 26, 38, 50 or 101.
         in_channels: channels of the input image.
