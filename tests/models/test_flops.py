@@ -137,3 +137,19 @@ def test_config_count_includes_backbone_and_heads(name, scope_words):
     assert report.params > backbone.params
     with pytest.raises(ValueError, match='height must be a positive int'):
         count_config_flops(cfg, 0, 128)
+
+
+def test_get_flops_cli_defaults_and_errors():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('get_flops', REPO / 'tools/get_flops.py')
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    det = Config.fromfile(str(REPO / 'configs/acmix_resnet/retinanet_acmix-r50_fpn_1x_coco.py'))
+    seg = Config.fromfile(str(REPO / 'configs/acmix_resnet/fpn_acmix-r50_4xb4-80k_ade20k-512x512.py'))
+    assert tool.default_shape(det) == (800, 1333)
+    assert tool.default_shape(seg) == (512, 512)
+    with pytest.raises(FileNotFoundError, match='config file not found'):
+        tool.main(['configs/does_not_exist.py'])
+    with pytest.raises(SystemExit):
+        tool.main([str(REPO / 'configs/acmix_resnet/retinanet_acmix-r50_fpn_1x_coco.py'),
+                   '--shape', '64'])
