@@ -81,7 +81,10 @@ train_dataloader = dict(
     batch_size=8,
     num_workers=0,
     persistent_workers=False,
-    sampler=dict(type='InfiniteSampler', shuffle=True),
+    # mmengine's InfiniteSampler iterates one generator for its lifetime: a loop that re-iterates
+    # the dataloader every epoch (Lightning) gets empty epochs after the first. DefaultSampler
+    # reshuffles per epoch and serves an iteration-based loop just as well.
+    sampler=dict(type='DefaultSampler', shuffle=True),
     dataset=dict(
         type=dataset_type,
         data_root=data_root,
@@ -103,7 +106,7 @@ test_dataloader = val_dataloader
 val_evaluator = dict(type='IoUMetric', iou_metrics=['mIoU'])
 test_evaluator = val_evaluator
 
-max_iters = 300
+max_iters = 400
 optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=2e-3, betas=(0.9, 0.999), weight_decay=0.01))
