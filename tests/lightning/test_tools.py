@@ -82,8 +82,8 @@ def test_resume_continues_from_last_checkpoint(trained, det_config_file, tmp_pat
     after = torch.load(resumed / 'checkpoints' / 'last.ckpt', map_location='cpu', weights_only=True)
     before = torch.load(ckpt, map_location='cpu', weights_only=True)
     assert after['global_step'] == 3
-    # The warm-up (LinearLR over iterations 0..2) kept counting from the checkpoint.
-    assert after['mm_param_schedulers'][0]['last_step'] == before['mm_param_schedulers'][0]['last_step'] + 1
+    # The schedule kept counting from the checkpoint: one more iteration, one more scheduler step.
+    assert after['mm_param_schedulers'][0]['_global_step'] == before['mm_param_schedulers'][0]['_global_step'] + 1
     changed = [k for k in before['state_dict'] if k.endswith('weight') and
                not torch.equal(before['state_dict'][k], after['state_dict'][k])]
     assert changed
