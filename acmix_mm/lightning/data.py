@@ -33,6 +33,7 @@ from .config import ConfigLike, as_config
 
 SPLITS = ('train', 'val', 'test')
 _EVAL_SAMPLERS = ('DefaultSampler', 'mmengine.DefaultSampler')
+_INFINITE_SAMPLERS = ('InfiniteSampler', 'mmengine.InfiniteSampler')
 
 
 def check_dataset_paths(dataset_cfg: Mapping[str, Any], where: str) -> None:
@@ -177,6 +178,15 @@ class MMDataModule(LightningDataModule):
         loader_cfg = copy.deepcopy(dict(self.cfg[f'{split}_dataloader']))
         loader_cfg['dataset'] = self.datasets[split]
         loader_cfg.setdefault('sampler', dict(type='DefaultSampler', shuffle=split == 'train'))
+        if split == 'train' and loader_cfg['sampler'].get('type') in _INFINITE_SAMPLERS:
+            # mmengine's InfiniteSampler (mmseg's iteration-based configs) iterates one generator
+            # for its lifetime; Lightning re-iterates the dataloader every epoch and closes the
+            # previous iterator, which closes that generator: every later epoch would be empty.
+            # DefaultSampler with the same shuffle/seed reshuffles per epoch (Lightning calls
+            # set_epoch), which serves max_steps just as well.
+            sampler = dict(loader_cfg['sampler'])
+            sampler['type'] = 'DefaultSampler'
+            loader_cfg['sampler'] = sampler
         if split != 'train':
             sampler = dict(loader_cfg['sampler'])
             if sampler.get('type') in _EVAL_SAMPLERS:

@@ -149,3 +149,19 @@ def test_check_seg_labels_arguments(num_classes):
 def test_check_without_loaded_labels_says_where_it_belongs():
     with pytest.raises(ValueError, match="after mmseg's LoadAnnotations"):
         CheckSegLabels(num_classes=3)(dict(img_path='a.jpg'))
+
+
+def test_infinite_sampler_config_serves_every_epoch(clean_root):
+    # mmseg's iteration-based configs train with InfiniteSampler; Lightning re-iterates the loader
+    # each epoch, which must not come back empty after the first (max_steps would never be reached).
+    cfg = config(clean_root)
+    cfg.train_dataloader.sampler = dict(type='InfiniteSampler', shuffle=True)
+    cfg.train_dataloader.batch_size = 1
+    data = MMDataModule(cfg, seed=0)
+    data.setup('fit')
+    loader = data.train_dataloader()
+    assert len(loader) == 2
+    for epoch in range(3):
+        loader.sampler.set_epoch(epoch)
+        paths = [batch['data_samples'][0].img_path for batch in loader]
+        assert sorted(paths) == sorted(str(p) for p in (clean_root / 'images' / 'training').glob('*.jpg'))
