@@ -32,6 +32,9 @@ model = dict(
         norm_cfg=norm_cfg,
         norm_eval=False,
         style='pytorch',
+        # ACMix where maps are small (stages 3-4, 16x16 and 8x8 at 256 px): at 64x64 and 32x32 its
+        # 7x7 attention would triple the backbone's CPU time.
+        acmix_stages=(False, False, True, True),
         head=4),
     neck=dict(in_channels=[64, 128, 256, 512], out_channels=width, num_outs=5),
     rpn_head=dict(
@@ -90,12 +93,12 @@ test_dataloader = val_dataloader
 val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
 test_evaluator = val_evaluator
 
-max_epochs = 12
-train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
+max_epochs = 8  # 400 iterations of 4 images
+train_cfg = dict(max_epochs=max_epochs, val_interval=2)  # 4 points on the mAP curve
 optim_wrapper = dict(
     _delete_=True,
     type='OptimWrapper',
-    optimizer=dict(type='AdamW', lr=1e-3, betas=(0.9, 0.999), weight_decay=0.05),
+    optimizer=dict(type='AdamW', lr=2e-3, betas=(0.9, 0.999), weight_decay=0.05),
     clip_grad=dict(max_norm=10.0))
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=100),

