@@ -9,7 +9,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional
 
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.utilities import rank_zero_only

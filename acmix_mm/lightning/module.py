@@ -16,7 +16,6 @@ Training step, per batch (the same sequence as mmengine's ``BaseModel.train_step
 """
 from __future__ import annotations
 
-import collections
 import logging
 from typing import Any, Dict, Mapping, Optional
 

@@ -21,7 +21,7 @@ import os
 from typing import Any, Dict, List, Mapping, Optional
 
 from lightning.pytorch.callbacks import Callback
-from mmengine.config import Config, ConfigDict
+from mmengine.config import ConfigDict
 
 from .config import iter_metric_cfgs
 

@@ -2,7 +2,6 @@
 import copy
 
 import pytest
-import torch
 from lightning.pytorch import Callback
 from mmengine.hooks import Hook
 from mmengine.runner import Runner
