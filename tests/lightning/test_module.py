@@ -106,3 +106,23 @@ def test_clip_gradients_by_value():
     param.grad = torch.tensor([3.0, -0.5])
     assert clip_gradients(torch.optim.SGD([param], lr=0.1), dict(type='value', clip_value=1.0)) is None
     assert param.grad.tolist() == [1.0, -0.5]
+
+
+def test_datamodule_honours_batch_sampler_and_unpadded_eval(coco_root):
+    from mmdet.datasets.samplers import AspectRatioBatchSampler
+    from mmengine.dataset import DefaultSampler
+
+    from acmix_mm.lightning import MMDataModule
+
+    cfg = tiny_maskrcnn_config(coco_root)
+    cfg.train_dataloader.batch_sampler = dict(type='AspectRatioBatchSampler')
+    datamodule = MMDataModule(cfg)
+    datamodule.setup('fit')
+    loader = datamodule.train_dataloader()
+    assert isinstance(loader.batch_sampler, AspectRatioBatchSampler)
+    batches = list(loader)
+    assert [len(b['data_samples']) for b in batches] == [2, 2]
+    val = datamodule.val_dataloader()
+    assert isinstance(val.sampler, DefaultSampler) and val.sampler.round_up is False
+    assert sum(len(b['data_samples']) for b in val) == 5
+    assert datamodule.evaluator('val').dataset_meta['classes'] == ('square', 'bar')
