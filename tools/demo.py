@@ -276,6 +276,15 @@ def run_demo(task_name: str, work_dir: Optional[str] = None, data_root: Optional
         extra['log_every_n_steps'] = max(1, min(max_steps, 10))
     train(cfg.copy(), work_dir=work_dir, overrides=overrides, enable_progress_bar=False, **extra)
     train_seconds = time.time() - start
+    palette = cfg.get('metainfo', {}).get('palette')
+    if task.gt_label_dir:
+        from acmix_mm.datasets.synthetic import ADE_PALETTE
+        palette = palette or ADE_PALETTE
+        # mmseg's SegLocalVisualizer falls back to Cityscapes' names and colours; give it the
+        # demo's, the same ones the ground-truth panel uses. mmseg 1.2.2's __init__ hands them
+        # to set_dataset_meta(classes, palette) swapped, hence crosswise here.
+        cfg.visualizer = dict(cfg.visualizer, palette=tuple(cfg.metainfo['classes']),
+                              classes=[list(c) for c in palette])
     ckpt = os.path.join(work_dir, 'checkpoints', 'last.ckpt')
     show_dir = os.path.join(work_dir, 'show')
     start = time.time()
@@ -286,10 +295,6 @@ def run_demo(task_name: str, work_dir: Optional[str] = None, data_root: Optional
     curves_png = os.path.join(work_dir, 'demo_curves.png')
     plot_curves(read_metrics_csv(work_dir), task.report, curves_png)
     predictions_png = os.path.join(work_dir, 'demo_predictions.png')
-    palette = cfg.get('metainfo', {}).get('palette')
-    if task.gt_label_dir and palette is None:
-        from acmix_mm.datasets.synthetic import ADE_PALETTE
-        palette = ADE_PALETTE
     plot_predictions(task, root, show_dir, predictions_png, palette)
 
     floor = task.floor if floor is None else floor

@@ -78,3 +78,18 @@ def test_make_demo_det_reaches_its_floor(tmp_path):
     print(demo.summary('det', result))
     assert result.passed, demo.summary('det', result)
     assert float(result.metrics['coco/segm_mAP']) >= 0.05  # untrained: 0.000
+
+
+def test_seg_pipeline_shares_the_code_path(tmp_path):
+    demo = _demo_module()
+    work = tmp_path / 'work'
+    # 16 images: two batches of 8 per epoch (the config's batch size).
+    result = demo.run_demo('seg', work_dir=str(work), data_root=str(tmp_path / 'data'),
+                           num_train=16, num_val=2, max_steps=2, log=lambda _: None)
+    assert 0.0 <= float(result.metrics['mIoU']) <= 100.0
+    assert result.passed == (float(result.metrics['mIoU']) >= demo.TASKS['seg'].floor)
+    # Rows of input, ground truth, prediction: three panels wide.
+    preds = matplotlib.image.imread(result.predictions_png)
+    assert preds.shape[1] > preds.shape[0] > 300
+    assert sorted(p.name for p in (work / 'show').iterdir()) == [
+        'ade_val_000000.png', 'ade_val_000001.png']
