@@ -13,7 +13,6 @@ which are also the authors' checkpoint keys: their ImageNet state_dict loads wit
 """
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Sequence
 from typing import Optional, Union
@@ -21,12 +20,11 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint as cp
-from mmengine.logging import print_log
-from mmengine.model import BaseModule
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...ops import ACMix
 from ...registry import MODELS
+from .base import ACMixBackbone
 
 __all__ = ['ResNetACMix', 'ACMixBottleneck', 'build_norm']
 
@@ -165,7 +163,7 @@ def _per_stage(name: str, value, num_stages: int, default: tuple, check) -> tupl
 
 
 @MODELS.register_module()
-class ResNetACMix(BaseModule):
+class ResNetACMix(ACMixBackbone):
     """ResNet-ACMix backbone (Pan et al., CVPR 2022) with mmdet ``ResNet``'s interface.
 
     Maps an image batch (B, in_channels, H, W) to a tuple with one feature map per index in
@@ -326,29 +324,6 @@ class ResNetACMix(BaseModule):
         return nn.Sequential(*blocks)
 
     # ------------------------------------------------------------------ init
-    def init_weights(self) -> None:
-        """Initialise as described in ``init_cfg`` (see the class docstring)."""
-        if self._is_init:
-            print_log('init_weights of ResNetACMix has been called more than once.',
-                      logger='current', level=logging.WARNING)
-            return
-        cfgs = self.init_cfg if isinstance(self.init_cfg, list) else [self.init_cfg]
-        pretrained = [c for c in cfgs if isinstance(c, dict) and c.get('type') == 'Pretrained']
-        others = [c for c in cfgs if c is not None and c not in pretrained]
-        self._default_init()
-        if others:
-            # A user-chosen mmengine init; ACMix's shift init is re-applied afterwards because
-            # generic Conv2d initialisers would overwrite it (the authors' ResNet loses it so).
-            init_cfg, self.init_cfg = self.init_cfg, others
-            super().init_weights()
-            self.init_cfg = init_cfg
-            self._reset_acmix_shift()
-        for cfg in pretrained:
-            if 'checkpoint' not in cfg:
-                raise ValueError(f'init_cfg {cfg!r} needs a checkpoint path')
-            self.load_pretrained(cfg['checkpoint'])
-        self._is_init = True
-
     def _default_init(self) -> None:
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -362,9 +337,9 @@ class ResNetACMix(BaseModule):
             for m in self.modules():
                 if isinstance(m, ACMixBottleneck):
                     nn.init.zeros_(m.bn3.weight)
-        self._reset_acmix_shift()
+        self._reset_acmix()
 
-    def _reset_acmix_shift(self) -> None:
+    def _reset_acmix(self) -> None:
         # ACMix.reset_parameters restores the shift kernel of dep_conv and rate1 = rate2 = 0.5.
         for m in self.modules():
             if isinstance(m, ACMix):

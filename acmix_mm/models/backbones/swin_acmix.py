@@ -31,19 +31,17 @@ Parameter names are the authors' inside a block (``attn.qkv``, ``attn.fc``, ``at
 from __future__ import annotations
 
 import functools
-import logging
 import warnings
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
-from mmengine.logging import print_log
-from mmengine.model import BaseModule
 from mmengine.model.weight_init import trunc_normal_
 from torch import nn
 
 from ...registry import MODELS
+from .base import ACMixBackbone
 
 __all__ = ['SwinACMix', 'ACMixWindowAttention', 'SwinACMixBlock']
 
@@ -381,7 +379,7 @@ class SwinACMixStage(nn.Module):
 
 # ----------------------------------------------------------------------------- backbone
 @MODELS.register_module()
-class SwinACMix(BaseModule):
+class SwinACMix(ACMixBackbone):
     """Swin Transformer with ACMix window attention, for mmdet/mmseg (any input size).
 
     Args:
@@ -493,32 +491,6 @@ class SwinACMix(BaseModule):
         return dict(arch)
 
     # ------------------------------------------------------------------ init
-    def init_weights(self) -> None:
-        """Initialise as ``init_cfg`` says (see the class docstring)."""
-        if self._is_init:
-            print_log('init_weights of SwinACMix has been called more than once.',
-                      logger='current', level=logging.WARNING)
-            return
-        cfgs = self.init_cfg if isinstance(self.init_cfg, list) else [self.init_cfg]
-        for cfg in cfgs:
-            if cfg is not None and not (isinstance(cfg, dict) and 'type' in cfg):
-                raise TypeError(f'each init_cfg must be a dict with a "type" key, got {cfg!r}')
-        pretrained = [c for c in cfgs if c is not None and c['type'] == 'Pretrained']
-        others = [c for c in cfgs if c is not None and c['type'] != 'Pretrained']
-        self._default_init()
-        if others:
-            init_cfg, self.init_cfg = self.init_cfg, others
-            super().init_weights()
-            self.init_cfg = init_cfg
-            for m in self.modules():  # generic Conv2d initialisers would overwrite the shift
-                if isinstance(m, ACMixWindowAttention):
-                    m.reset_acmix()
-        for cfg in pretrained:
-            if 'checkpoint' not in cfg:
-                raise ValueError(f'init_cfg {cfg!r} needs a checkpoint path')
-            self.load_pretrained(cfg['checkpoint'])
-        self._is_init = True
-
     def _default_init(self) -> None:
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -530,6 +502,11 @@ class SwinACMix(BaseModule):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, ACMixWindowAttention):
                 trunc_normal_(m.relative_position_bias_table, std=0.02)
+                m.reset_acmix()
+
+    def _reset_acmix(self) -> None:
+        for m in self.modules():
+            if isinstance(m, ACMixWindowAttention):
                 m.reset_acmix()
 
     def load_pretrained(self, path: str):
