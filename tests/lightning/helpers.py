@@ -51,6 +51,32 @@ def make_coco(root: Path, n_train: int = 4, n_val: int = 3) -> Path:
     return root
 
 
+def make_overfit_coco(root: Path, n_images: int = 5) -> Path:
+    """A tiny COCO set whose val split holds the same images and boxes as its train split.
+
+    A model that memorises the train split then scores well above 0 on val, so metric
+    comparisons (category mapping, image ids) are checked on non-trivial numbers.
+    """
+    write_coco(root, 'train', n_images, seed=1)
+    write_coco(root, 'val', n_images, seed=1)
+    return root
+
+
+def overfit_maskrcnn_config(data_root: Path, *, max_iters: int = 50) -> Config:
+    """``tiny_maskrcnn_config`` with an optimiser that fits the tiny set within a few dozen iterations.
+
+    SGD at lr 0.02 diverges on this randomly initialised model and at 1e-3 needs hundreds of
+    iterations; AdamW at 2e-3 with gradient clipping reaches bbox/segm mAP_50 of about 0.6
+    after 50 iterations of batch 2 on 5 images (about 40 s on 2 CPU cores).
+    """
+    cfg = tiny_maskrcnn_config(data_root, max_iters=max_iters)
+    cfg.optim_wrapper = dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=2e-3, weight_decay=1e-4),
+                             clip_grad=dict(max_norm=10.0))
+    cfg.param_scheduler = [dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0,
+                                end=min(10, max_iters))]
+    return cfg
+
+
 def tiny_maskrcnn_config(data_root: Path, *, batch_size: int = 2, max_iters: Optional[int] = 2,
                          max_epochs: Optional[int] = None, work_dir: Optional[Path] = None,
                          shuffle: bool = False) -> Config:

@@ -40,10 +40,14 @@ def _printed_metrics(stdout: str) -> dict:
     return {m.group(1): float(m.group(2)) for m in re.finditer(r'^(coco/\S+)\s+(-?\d+\.\d+)$', stdout, re.M)}
 
 
-def test_test_tool_metrics_equal_cocoeval_on_dumped_json(trained, det_config_file, coco_root, tmp_path):
-    _, ckpt = trained
+def test_test_tool_metrics_equal_cocoeval_on_dumped_json(overfit_trained, overfit_config_file,
+                                                         overfit_coco_root, tmp_path):
+    # A model that memorised the val images: the compared numbers are far from 0, so a wrong
+    # category mapping or wrong image ids in the dumped json would change them.
+    _, ckpt = overfit_trained
+    coco_root = overfit_coco_root
     prefix = tmp_path / 'pred' / 'results'
-    proc = run_tool('tools/test.py', det_config_file, ckpt, '--out', prefix, '--work-dir', tmp_path / 'w',
+    proc = run_tool('tools/test.py', overfit_config_file, ckpt, '--out', prefix, '--work-dir', tmp_path / 'w',
                     '--show-dir', tmp_path / 'show', '--accelerator', 'cpu')
     printed = _printed_metrics(proc.stdout)
     assert len(printed) == 14, proc.stdout
@@ -67,6 +71,9 @@ def test_test_tool_metrics_equal_cocoeval_on_dumped_json(trained, det_config_fil
         assert {r['category_id'] for r in results} <= {1, 2}
     # The -1 entries (no medium objects) show the evaluation ran on the real ground truth.
     assert printed['coco/bbox_mAP_m'] == -1.0 and printed['coco/bbox_mAP_s'] >= 0.0
+    for iou_type in ('bbox', 'segm'):
+        for name in ('mAP', 'mAP_50', 'AR@100'):
+            assert printed[f'coco/{iou_type}_{name}'] > 0.1, (name, printed)
     drawings = sorted(p.name for p in (tmp_path / 'show').glob('*.png'))
     assert drawings == [f'val_{i:03d}.png' for i in range(5)]
 
