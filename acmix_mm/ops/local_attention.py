@@ -88,19 +88,6 @@ def _offset_slices(kernel: int, dilation: int, stride: int, out_hw: Tuple[int, i
     return slices
 
 
-def _offset_slices(kernel: int, dilation: int, stride: int, out_hw: Tuple[int, int]
-                   ) -> List[Tuple[slice, slice]]:
-    """(row slice, col slice) into the padded map for each of the kernel**2 window offsets."""
-    h_out, w_out = out_hw
-    slices = []
-    for t in range(kernel * kernel):
-        ty, tx = divmod(t, kernel)
-        y0, x0 = ty * dilation, tx * dilation
-        slices.append((slice(y0, y0 + (h_out - 1) * stride + 1, stride),
-                       slice(x0, x0 + (w_out - 1) * stride + 1, stride)))
-    return slices
-
-
 def _gather(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """x[..., rows, :][..., cols]: the padded map, a new tensor (no autograd)."""
     return x.index_select(-2, rows).index_select(-1, cols)

@@ -35,6 +35,11 @@ def _dump_eval_config(cfg, tmp_path_factory) -> Path:
     return path
 
 
+def _train_with_tool(config_file, work_dir):
+    run_tool('tools/train.py', config_file, '--work-dir', work_dir, '--accelerator', 'cpu')
+    return work_dir, work_dir / 'checkpoints' / 'last.ckpt'
+
+
 @pytest.fixture(scope='session')
 def det_config_file(coco_root, tmp_path_factory):
     return _dump_eval_config(tiny_maskrcnn_config(coco_root, max_iters=2), tmp_path_factory)
@@ -43,9 +48,7 @@ def det_config_file(coco_root, tmp_path_factory):
 @pytest.fixture(scope='session')
 def trained(det_config_file, tmp_path_factory):
     """(work_dir, checkpoint) of a 2-iteration tools/train.py run."""
-    work_dir = tmp_path_factory.mktemp('work')
-    run_tool('tools/train.py', det_config_file, '--work-dir', work_dir, '--accelerator', 'cpu')
-    return work_dir, work_dir / 'checkpoints' / 'last.ckpt'
+    return _train_with_tool(det_config_file, tmp_path_factory.mktemp('work'))
 
 
 @pytest.fixture(scope='session')
@@ -62,6 +65,4 @@ def overfit_config_file(overfit_coco_root, tmp_path_factory):
 @pytest.fixture(scope='session')
 def overfit_trained(overfit_config_file, tmp_path_factory):
     """(work_dir, checkpoint) of a 50-iteration tools/train.py run that memorises its val split."""
-    work_dir = tmp_path_factory.mktemp('work_overfit')
-    run_tool('tools/train.py', overfit_config_file, '--work-dir', work_dir, '--accelerator', 'cpu')
-    return work_dir, work_dir / 'checkpoints' / 'last.ckpt'
+    return _train_with_tool(overfit_config_file, tmp_path_factory.mktemp('work_overfit'))
