@@ -1,0 +1,101 @@
+"""Builds and loads the C++ CPU local-attention kernel (``csrc/local_attention.cpp``) on first use.
+
+The extension is compiled just in time with :func:`torch.utils.cpp_extension.load` (g++ and
+ninja) the first time it is needed on a machine (~30-60 s), into a cache directory, and reused
+afterwards (loading then takes well under a second). The directory name contains the torch
+version and a hash of the source, the compiler flags and the CPU's instruction-set flags (the
+code is built with ``-march=native``), so a torch upgrade, an edited kernel or a different CPU
+sharing the cache builds a fresh copy instead of loading a stale or illegal one. Concurrent
+builds are safe: within a process a lock serialises them, across processes torch's file baton
+in the build directory does.
+
+Cache location: ``$ACMIX_MM_EXTENSIONS_DIR`` if set, else ``~/.cache/acmix_mm/torch_extensions``.
+Set ``ACMIX_MM_DISABLE_CPP=1`` to never build it (``attn_impl='auto'`` then uses ``'lean'``).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import threading
+from types import ModuleType
+from typing import List, Optional
+
+import torch
+
+__all__ = ['SOURCE', 'extension_name', 'build_directory', 'load_extension',
+           'extension_available', 'extension_error']
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'local_attention.cpp')
+# -O3 for the vectorised x loops; OpenMP so that at::parallel_for uses torch's thread pool
+# (libgomp is shared with torch by soname, so torch.set_num_threads applies).
+_CFLAGS: List[str] = ['-O3', '-march=native', '-fopenmp']
+_LDFLAGS: List[str] = ['-fopenmp']
+
+_lock = threading.Lock()
+_module: Optional[ModuleType] = None
+_error: Optional[str] = None
+
+
+def _cpu_flags() -> str:
+    """The CPU's instruction-set flags (Linux /proc/cpuinfo; the platform name elsewhere)."""
+    try:
+        with open('/proc/cpuinfo', encoding='utf-8') as f:
+            for line in f:
+                if line.startswith(('flags', 'Features')):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def extension_name() -> str:
+    """``acmix_mm_local_attention_<torch version>_<12-hex hash of source, flags and CPU>``."""
+    digest = hashlib.sha256()
+    with open(SOURCE, 'rb') as f:
+        digest.update(f.read())
+    digest.update(' '.join(_CFLAGS + _LDFLAGS).encode())
+    digest.update(_cpu_flags().encode())
+    version = ''.join(c if c.isalnum() else '_' for c in torch.__version__)
+    return f'acmix_mm_local_attention_{version}_{digest.hexdigest()[:12]}'
+
+
+def build_directory() -> str:
+    """Where the extension named :func:`extension_name` is built and cached."""
+    root = os.environ.get('ACMIX_MM_EXTENSIONS_DIR') or os.path.join(
+        os.path.expanduser('~'), '.cache', 'acmix_mm', 'torch_extensions')
+    return os.path.join(root, extension_name())
+
+
+def load_extension() -> Optional[ModuleType]:
+    """The compiled module (functions ``forward`` and ``backward``), or None if it cannot be
+    built; the reason is then :func:`extension_error`. Builds at most once per process."""
+    global _module, _error
+    if _module is not None or _error is not None:
+        return _module
+    with _lock:
+        if _module is not None or _error is not None:
+            return _module
+        if os.environ.get('ACMIX_MM_DISABLE_CPP', '') not in ('', '0'):
+            _error = 'disabled by ACMIX_MM_DISABLE_CPP'
+            return None
+        try:
+            from torch.utils.cpp_extension import load
+            directory = build_directory()
+            os.makedirs(directory, exist_ok=True)
+            _module = load(name=extension_name(), sources=[SOURCE], extra_cflags=_CFLAGS,
+                           extra_ldflags=_LDFLAGS, build_directory=directory, verbose=False)
+        except Exception as exc:  # noqa: BLE001 - any build failure means "use the fallback"
+            message = str(exc).strip().splitlines()
+            _error = f'{type(exc).__name__}: {message[-1] if message else exc!r}'
+        return _module
+
+
+def extension_available() -> bool:
+    """True if the C++ kernel is (or can now be) built and loaded."""
+    return load_extension() is not None
+
+
+def extension_error() -> Optional[str]:
+    """Why the extension is unavailable (None if it loaded or was not tried yet)."""
+    return _error
