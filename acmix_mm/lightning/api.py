@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from mmengine.config import Config, ConfigDict
 from mmengine.logging import MMLogger
 
-from .checkpoint import load_checkpoint_file, load_model_weights
+from .checkpoint import StartCheckpoint, load_checkpoint_file, load_model_weights
 from .config import ConfigLike, LoopSpec, apply_loop_spec, as_config
 from .data import MMDataModule
 from .module import MMLightningModule
@@ -74,11 +74,12 @@ def train(cfg: ConfigLike, work_dir: Optional[str] = None, resume: Optional[str]
     datamodule = MMDataModule(cfg, seed=seed)
     datamodule.check('fit')
     ckpt_path = resolve_resume(resume, work_dir)
-    if ckpt_path is not None:
-        load_checkpoint_file(ckpt_path)  # plain data, or a clear error before training starts
+    # --resume / load_from: read and checked now, a clear error before anything is built
+    start = StartCheckpoint.read(ckpt_path, cfg.get('load_from'))
     if seed is not None:
         seed_everything(seed, workers=False, verbose=False)
     module = MMLightningModule(cfg)
+    start.apply(module.model)  # --resume: the weights fit the model; load_from: loads them
     trainer = build_trainer(cfg, work_dir, overrides, **trainer_kwargs)
     _dump_config(cfg, work_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -113,10 +114,13 @@ def test(cfg: ConfigLike, checkpoint: str, work_dir: Optional[str] = None, out: 
     if out:
         cfg.test_evaluator = redirect_outputs(cfg.test_evaluator, out)
     work_dir = resolve_work_dir(cfg, work_dir)
+    # Read (safely) before anything is built: a bad file fails fast, naming it and what is wrong.
+    contents = load_checkpoint_file(checkpoint)
     datamodule = MMDataModule(cfg)
     datamodule.check('test')
     module = MMLightningModule(cfg, init_weights=False)
-    load_model_weights(module.model, checkpoint)
+    load_model_weights(module.model, checkpoint, contents)
+    del contents  # the weights are in the model now
     callbacks = []
     if show_dir:
         callbacks.append(VisualizationCallback(cfg.get('visualizer'), show_dir))

@@ -8,11 +8,20 @@ stand-ins so that the files people actually have can be read:
 * ``yacs.config.CfgNode`` (the ``config`` entry of the ACMix authors' Swin checkpoints, Pan et al.,
   "On the Integration of Self-Attention and Convolution", CVPR 2022) becomes a plain
   ``OrderedDict``: none of yacs' code runs, yacs need not even be installed;
-* numpy scalars, dtypes and arrays (mmengine's ``meta`` holds numpy scalars) are rebuilt by
-  numpy's constructors for data, which call nothing named by the file.
+* numpy scalars, dtypes and arrays are rebuilt by a fixed allow-list of numpy's data
+  constructors: ``numpy.core.multiarray.scalar`` and ``._reconstruct`` (also under numpy 2's
+  ``numpy._core`` name), ``numpy.dtype``, ``numpy.ndarray`` and the dtype classes of the bool,
+  int, uint8 and float types. mmengine writes numpy scalars into its ``meta``, so refusing them
+  would refuse ordinary mmengine/mmdet/mmseg files. These constructors build data from bytes
+  and a dtype; they call nothing the file names (an object array's items go through the same
+  restricted unpickler).
 
 Anything else a pickle names (``os.system``, ``builtins.eval``, ``subprocess.Popen``, any class)
-makes :func:`safe_load` raise :class:`CheckpointError` naming the file and the global.
+makes :func:`safe_load` raise :class:`CheckpointError` naming the file and the global; torch's
+unpickler refuses it before calling it, so nothing of the file runs. Empty, truncated, corrupt
+and non-torch files (JSON, text, random bytes) raise :class:`CheckpointError` saying which.
+:func:`check_state_dict_fits` gives the one "does not fit" message (missing, unexpected and
+mis-shaped keys, counted per component) used by the backbones and the Lightning entry points.
 
 Accepted layouts (:func:`extract_state_dict`): a plain state_dict; ``{'state_dict': ...}``
 (mmengine, Lightning); ``{'model': ...}`` (the authors' training scripts). The prefixes
@@ -21,6 +30,7 @@ whose other keys are then dropped) are stripped.
 """
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import dataclasses
 import logging
@@ -38,6 +48,7 @@ from torch import nn
 __all__ = [
     'CheckpointError', 'LoadReport', 'safe_load', 'extract_state_dict', 'convert_swin_authors',
     'convert_resnet_authors', 'load_backbone_weights', 'load_backbone_state_dict',
+    'check_state_dict_fits', 'display_global', 'ALLOWED_EXTRA_GLOBALS',
 ]
 
 Converter = Callable[[Mapping[str, torch.Tensor]], Tuple[Dict[str, torch.Tensor], 'LoadReport']]
@@ -119,30 +130,150 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-_GLOBAL_IN_MESSAGE = re.compile(r'(?:GLOBAL|global|function|got) <?([A-Za-z_][\w.]*)')
+_GLOBAL_IN_MESSAGE = re.compile(r'GLOBAL ([A-Za-z_][\w.]*)')
+_ZIP_MAGIC = b'PK\x03\x04'
+_PICKLE_PROTO = 0x80  # the first byte of a binary pickle (legacy torch.save files and pickle.dump)
+_READ_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError,
+                OSError, AttributeError, IndexError, TypeError, UnicodeDecodeError, MemoryError)
 
 
-def _unsafe_globals(path: str) -> List[str]:
-    """The globals a file's pickle names, read statically (nothing is unpickled)."""
+def _canonical_global(name: str) -> str:
+    """A pickled global's Python 3 name: ``commands.Popen`` -> ``subprocess.Popen``.
+
+    Files written with pickle protocol 2 (torch.save's default) store Python-2 module names
+    (``subprocess`` is written ``commands``, ``builtins`` ``__builtin__``), and ``os`` functions
+    live in ``posix``/``nt``.
+    """
+    module, _, attr = name.rpartition('.')
+    if (module, attr) in _compat_pickle.NAME_MAPPING:
+        module, attr = _compat_pickle.NAME_MAPPING[(module, attr)]
+    module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+    if module in ('posix', 'nt'):
+        module = 'os'
+    return f'{module}.{attr}' if module else attr
+
+
+def display_global(name: str) -> str:
+    """A pickled global's name as a reader knows it: ``posix.system`` -> ``os.system (stored as
+    posix.system)``."""
+    shown = _canonical_global(name)
+    return shown if shown == name else f'{shown} (stored as {name})'
+
+
+def _refusable(names: Iterable[str]) -> List[str]:
+    """The names neither torch's weights_only allowlist nor :data:`ALLOWED_EXTRA_GLOBALS` holds."""
+    try:  # torch's default allowlist (tensors, storages, dtypes, OrderedDict, ...); private API
+        from torch._weights_only_unpickler import _get_allowed_globals
+        torch_allowed = set(_get_allowed_globals())
+    except Exception:  # noqa: BLE001 -- without it every name is reported, which is still safe
+        torch_allowed = set()
+    allowed = torch_allowed | set(ALLOWED_EXTRA_GLOBALS)
+    return [n for n in names if n not in allowed and _canonical_global(n) not in allowed]
+
+
+def _pickle_globals(data: bytes) -> List[str]:
+    """The globals a pickle names, read statically with pickletools (nothing is unpickled).
+
+    Reads up to the first opcode pickletools cannot parse (a truncated or corrupt stream) and
+    returns what it found before it.
+    """
+    names: List[str] = []
+    strings: List[str] = []
+    memo: Dict[int, Any] = {}
+    try:
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name == 'GLOBAL':
+                names.append(str(arg).replace(' ', '.'))
+            elif opcode.name == 'STACK_GLOBAL' and len(strings) >= 2:
+                names.append(f'{strings[-2]}.{strings[-1]}')
+            elif opcode.name in ('BINPUT', 'LONG_BINPUT', 'PUT') and strings:
+                memo[arg] = strings[-1]
+            elif opcode.name == 'MEMOIZE' and strings:
+                memo[len(memo)] = strings[-1]
+            elif opcode.name in ('BINGET', 'LONG_BINGET', 'GET') and isinstance(memo.get(arg), str):
+                strings.append(memo[arg])
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # noqa: BLE001 -- a damaged stream: keep the names read so far
+        pass
+    return list(dict.fromkeys(names))
+
+
+def _file_globals(path: str) -> List[str]:
+    """The globals a checkpoint's pickle names (zip or legacy/raw pickle), without unpickling."""
     try:
         if zipfile.is_zipfile(path):
-            return torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        names, strings = [], []
+            with zipfile.ZipFile(path) as archive:
+                pickles = [n for n in archive.namelist() if n.endswith('data.pkl')]
+                return _pickle_globals(archive.read(pickles[0])) if pickles else []
         with open(path, 'rb') as f:
-            for opcode, arg, _ in pickletools.genops(f):
-                if opcode.name == 'GLOBAL':
-                    names.append(str(arg).replace(' ', '.'))
-                elif opcode.name == 'STACK_GLOBAL' and len(strings) >= 2:
-                    names.append(f'{strings[-2]}.{strings[-1]}')
-                elif isinstance(arg, str):
-                    strings.append(arg)
-        return names
+            return _pickle_globals(f.read())
     except Exception:  # noqa: BLE001 -- the names only enrich the error message
         return []
 
 
+def _describe_start(head: bytes) -> str:
+    """What a file that is not a torch.save file looks like, from its first bytes."""
+    text = head.lstrip()
+    if text[:1] in (b'{', b'['):
+        kind = 'JSON/text'
+    else:
+        try:
+            head.decode('utf-8')
+            kind = 'text'
+        except UnicodeDecodeError:
+            kind = 'binary data of an unknown format'
+    return f'it starts with {head[:16]!r}, which looks like {kind}'
+
+
+def _check_zip_records(path: str) -> None:
+    """Check a zip checkpoint's layout and every record's CRC-32 before torch reads it.
+
+    torch's reader does not check the CRCs that torch.save writes, so a damaged tensor record
+    (a bad disk, a broken copy) would load as silently wrong weights. Reading the records once
+    more costs about a second per GB.
+
+    Raises:
+        CheckpointError: no ``data.pkl`` (a zip, but not torch.save's), or a record whose bytes
+            differ from those written.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            bad = archive.testzip() if any(n.endswith('data.pkl') for n in names) else None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as err:
+        raise CheckpointError(f'checkpoint {path!r} is truncated or corrupt: its zip records cannot be '
+                              f'read ({type(err).__name__}: {err})') from None
+    if not any(n.endswith('data.pkl') for n in names):
+        raise CheckpointError(f'checkpoint {path!r} is a zip archive but not a torch.save checkpoint: '
+                              f'it has no data.pkl (its entries: {_short(names, 5)})')
+    if bad is not None:
+        raise CheckpointError(f'checkpoint {path!r} is corrupt: its record {bad!r} fails the CRC-32 '
+                              'check (the bytes on disk differ from those torch.save wrote)')
+
+
+def _allowed_globals() -> List[Tuple[Any, str]]:
+    """The (object, pickled name) pairs safe_load adds to torch's weights_only allowlist."""
+    return [(_cfgnode_stand_in(), 'yacs.config.CfgNode')] + _numpy_safe_globals()
+
+
+ALLOWED_EXTRA_GLOBALS: Tuple[str, ...] = tuple(name for _, name in _allowed_globals())
+
+
+def _refuse(path: str, names: Sequence[str], detail: str = '') -> CheckpointError:
+    shown = ', '.join(display_global(n) for n in names)
+    return CheckpointError(
+        f'refusing to load checkpoint {path!r}: its pickle calls or builds {shown}, which is not '
+        f'plain tensor/container data (nothing of it was executed). Only tensors, plain containers, '
+        f'numpy data (scalars, dtypes, arrays) and yacs CfgNode configs are accepted.{detail}')
+
+
 def safe_load(path: str | os.PathLike) -> Any:
-    """Read a checkpoint file without executing anything from it.
+    """Read a checkpoint file without executing anything from it: acmix_mm's one reader.
+
+    Every entry point (``tools/test.py``, ``tools/train.py --resume``, ``load_from``, the
+    backbones' ``init_cfg=dict(type='Pretrained')``) reads files through this function, so a
+    bad file gives the same message everywhere.
 
     Args:
         path: a file written by ``torch.save`` (zip or legacy format).
@@ -153,40 +284,110 @@ def safe_load(path: str | os.PathLike) -> Any:
     Raises:
         FileNotFoundError: ``path`` does not exist or is not a file.
         CheckpointError: the pickle names a global outside tensors, plain containers and numpy
-            data (the message names it), or the file is truncated/corrupt.
+            data (the message names it; nothing was executed); the file is empty, truncated,
+            corrupt or not a torch.save file (the message says which).
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise FileNotFoundError(f'checkpoint {path!r} is a directory, not a checkpoint file')
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint file {path!r} does not exist')
-    allowed = [(_cfgnode_stand_in(), 'yacs.config.CfgNode')] + _numpy_safe_globals()
+    size = os.path.getsize(path)
+    if size == 0:
+        raise CheckpointError(f'checkpoint {path!r} is empty (0 bytes): not a torch.save file '
+                              '(was its writing interrupted?)')
+    with open(path, 'rb') as f:
+        head = f.read(64)
+    is_zip_start = head.startswith(_ZIP_MAGIC)
+    if is_zip_start and not zipfile.is_zipfile(path):
+        # torch.save's zip format ends with the archive's directory: without it, the file was cut.
+        raise CheckpointError(f'checkpoint {path!r} is truncated or corrupt: a torch.save zip archive '
+                              f'of {size} bytes without its end (central directory); the file was cut '
+                              'short, e.g. by an interrupted write or copy')
+    if is_zip_start:
+        _check_zip_records(path)
+    elif head[0] != _PICKLE_PROTO:
+        # Not a zip and not a binary pickle: torch.load would read it as an old-style pickle and
+        # fail on a random opcode. Old ASCII pickles (protocol 0) still go to the unpickler below,
+        # which names what they import.
+        names = _refusable(_file_globals(path))
+        if names:
+            raise _refuse(path, names)
+        raise CheckpointError(f'checkpoint {path!r} is not a torch.save file: {_describe_start(head)}')
+    allowed = _allowed_globals()
     try:
         with torch.serialization.safe_globals(allowed):
             obj = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as err:
-        message = str(err)
-        if 'WeightsUnpickler error' in message or 'global' in message.lower():
-            allowed_names = {name for _, name in allowed}
-            names = [g for g in _unsafe_globals(path) if g not in allowed_names]
-            if not names:
-                match = _GLOBAL_IN_MESSAGE.search(message.split('WeightsUnpickler error:')[-1])
-                names = [match.group(1)] if match else ['<unknown>']
-            # torch's own wording suggests weights_only=False, the one thing not to do here: keep
-            # only its line that says what was refused.
-            lines = [ln.strip() for ln in message.split('WeightsUnpickler error:')[-1].splitlines()]
-            detail = next((ln for ln in lines if ln and not ln.startswith(
-                ('Weights only load failed', 'Check the documentation', 'Please file'))), '')
-            detail = f' ({detail})' if detail else ''
-            raise CheckpointError(
-                f'refusing to load checkpoint {path!r}: its pickle calls or builds '
-                f'{", ".join(names)}, which is not plain tensor/container data (nothing of it was '
-                f'executed). Only tensors, plain containers, numpy data and yacs CfgNode configs are '
-                f'accepted.{detail}') from None
-        raise CheckpointError(f'checkpoint {path!r} is corrupt or truncated: {message}') from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, OSError,
-            AttributeError, IndexError, TypeError) as err:
-        raise CheckpointError(f'checkpoint {path!r} is corrupt, truncated or not a torch.save file: '
-                              f'{type(err).__name__}: {err}') from err
+    except _READ_ERRORS as err:
+        message = str(err).split('WeightsUnpickler error:')[-1]
+        # A refused global, or a pickle torch's reader cannot parse (e.g. protocol 4 FRAMEs of a
+        # plain pickle.dump) that names one: either way the message names the globals.
+        names = _refusable(_file_globals(path))
+        match = _GLOBAL_IN_MESSAGE.search(message)
+        if match and not names:
+            names = [match.group(1)]
+        if names:
+            raise _refuse(path, names) from None
+        if isinstance(err, zipfile.BadZipFile) or (is_zip_start and 'data.pkl' in message):
+            raise CheckpointError(f'checkpoint {path!r} is a zip archive but not a torch.save '
+                                  f'checkpoint: {err}') from None
+        # torch's wording suggests weights_only=False, the one thing not to do here; its first
+        # line with content says what broke.
+        lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if not ln.startswith(
+            ('Weights only load failed', 'Check the documentation', 'Please file'))), '') or repr(err)
+        raise CheckpointError(f'checkpoint {path!r} is truncated or corrupt ({size} bytes; reading '
+                              f'it failed with {type(err).__name__}: {detail})') from None
     return _plain(obj)
+
+
+# --------------------------------------------------------------------------- fitting a model
+def _by_component(keys: Sequence[str]) -> str:
+    """``neck.* 12, roi_head.* 40``: how many keys each top-level component holds."""
+    counts = collections.Counter(k.split('.', 1)[0] + ('.*' if '.' in k else '') for k in keys)
+    return ', '.join(f'{name} {n}' for name, n in counts.most_common(6)) + (
+        ', ...' if len(counts) > 6 else '')
+
+
+def check_state_dict_fits(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor],
+                          path: str, target: str, allow_missing: Sequence[str] = (),
+                          limit: int = 10) -> List[str]:
+    """Check that the checkpoint ``found`` holds exactly the tensors of ``expected``.
+
+    Args:
+        expected: the model's state_dict (names -> tensors).
+        found: the file's state_dict, after layout and key conversion.
+        path: the file, for the message.
+        target: what it is loaded into, e.g. ``'ResNetACMix'`` or ``'MaskRCNN'``.
+        allow_missing: prefixes of model keys the file may lack (they keep their values).
+        limit: keys listed per category in the message.
+
+    Returns:
+        The model keys missing from the file that ``allow_missing`` allows.
+
+    Raises:
+        CheckpointError: keys missing or unexpected, or shapes that differ: the message lists
+            them, with a count per top-level component (``neck.* 12``) to tell another
+            architecture (different components) from another configuration (same keys,
+            other shapes).
+    """
+    missing = [k for k in expected if k not in found]
+    not_allowed = [k for k in missing if not any(k.startswith(p) for p in allow_missing)]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [f'{k}: checkpoint {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}'
+              for k in expected if k in found and tuple(found[k].shape) != tuple(expected[k].shape)]
+    problems = []
+    for title, items, grouped in (('model keys missing from the checkpoint', not_allowed, True),
+                                  ('checkpoint keys not in the model', unexpected, True),
+                                  ('shape mismatches', shapes, False)):
+        if items:
+            groups = f' ({_by_component(items)})' if grouped else ''
+            problems.append(f'{len(items)} {title}{groups}: {_short(items, limit)}')
+    if problems:
+        raise CheckpointError(
+            f'checkpoint {path!r} does not fit {target} (a checkpoint of another model or '
+            f'configuration?): ' + '; '.join(problems))
+    return missing
 
 
 # --------------------------------------------------------------------------- layouts
@@ -332,22 +533,7 @@ def load_backbone_weights(module: nn.Module, path: str | os.PathLike,
         report.converted += conv_report.converted
         report.dropped += conv_report.dropped
     own = module.state_dict()
-    unexpected = [k for k in kept if k not in own]
-    missing = [k for k in own if k not in kept]
-    not_allowed = [k for k in missing if not any(k.startswith(p) for p in allow_missing)]
-    shapes = [f'{k}: file {tuple(kept[k].shape)} vs model {tuple(own[k].shape)}'
-              for k in kept if k in own and kept[k].shape != own[k].shape]
-    problems = []
-    if unexpected:
-        problems.append(f'{len(unexpected)} keys in the file are not in the model: {_short(unexpected)}')
-    if not_allowed:
-        problems.append(f'{len(not_allowed)} model keys are missing from the file: {_short(not_allowed)}')
-    if shapes:
-        problems.append(f'{len(shapes)} shapes differ: {_short(shapes, 6)}')
-    if problems:
-        raise CheckpointError(
-            f'checkpoint {path!r} does not fit {type(module).__name__} (another architecture or '
-            f'configuration?): ' + '; '.join(problems))
+    missing = check_state_dict_fits(own, kept, path, type(module).__name__, allow_missing)
     with torch.no_grad():
         for key, value in kept.items():
             own[key].copy_(value.to(dtype=own[key].dtype))

@@ -232,16 +232,17 @@ def test_final_norm_dropped_when_last_stage_not_returned(tmp_path):
 def test_other_architecture_is_refused_naming_keys(tmp_path):
     # plain Swin (no ACMix) weights: the conv-branch keys are missing
     plain = authors_file(tmp_path / 'plain.pth', authors_swin_state(acmix_stages=()))
-    with pytest.raises(CheckpointError, match=r'missing from the file: stages\.0\.blocks\.0\.attn\.rate1'):
+    with pytest.raises(CheckpointError, match=r'25 model keys missing from the checkpoint \(stages\.\* 25\): stages\.0\.blocks\.0\.attn\.rate1'):
         SwinACMix(SMALL, out_indices=(3,)).load_pretrained(plain)
     # another width: shapes differ
-    with pytest.raises(CheckpointError, match=r'patch_embed\.proj\.weight: file \(16, 3, 4, 4\) vs model '
+    with pytest.raises(CheckpointError, match=r'patch_embed\.proj\.weight: checkpoint \(16, 3, 4, 4\) vs model '
                                               r'\(32, 3, 4, 4\)'):
         SwinACMix(dict(SMALL, embed_dims=32), out_indices=(3,)).load_pretrained(plain)
     # a ResNet file into the Swin backbone: unexpected keys named
     resnet = tmp_path / 'resnet.pth'
     torch.save({'conv1.weight': torch.ones(1), 'layer1.0.bn1.weight': torch.ones(1)}, resnet)
-    with pytest.raises(CheckpointError, match=r'not in the model: conv1\.weight, layer1\.0\.bn1\.weight'):
+    with pytest.raises(CheckpointError, match=r'2 checkpoint keys not in the model \(conv1\.\* 1, layer1\.\* 1\): '
+                                              r'conv1\.weight, layer1\.0\.bn1\.weight'):
         SwinACMix(SMALL, out_indices=(3,)).load_pretrained(str(resnet))
 
 
@@ -257,7 +258,7 @@ def test_resnet_authors_layout_drops_classifier(tmp_path):
     assert sorted(k for k, _ in report.dropped) == ['fc.bias', 'fc.weight']
     for k, v in src.state_dict().items():
         assert torch.equal(dst.state_dict()[k], v), k
-    with pytest.raises(CheckpointError, match=r'not in the model: fc\.weight'):
+    with pytest.raises(CheckpointError, match=r'not in the model \(fc\.\* 2\): fc\.weight, fc\.bias'):
         load_backbone_weights(ResNetACMix(depth=26, base_channels=16), path)
 
 
