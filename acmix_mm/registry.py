@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import re
-from typing import Optional
+from typing import Iterable, Optional, Sequence
 
 from mmengine.registry import DATASETS as MMENGINE_DATASETS
 from mmengine.registry import MODELS as MMENGINE_MODELS
@@ -61,11 +61,31 @@ def unknown_type_hint(type_name: str) -> str:
     """A sentence for an error about an unknown model type: close matches and the ACMix types."""
     bare = type_name.split('.', 1)[-1]
     names = acmix_model_names()
-    close = difflib.get_close_matches(bare, names, n=3, cutoff=0.6)
+    close = close_matches(bare, names)
     hint = f'acmix_mm registers these model types: {", ".join(names)}.'
     if close:
         hint = f'Did you mean {" or ".join(repr(c) for c in close)}? ' + hint
     return hint
+
+
+def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
+    """The candidates closest to ``word`` (difflib ratio >= 0.6), best first."""
+    return difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.6)
+
+
+def unknown_keys_message(owner: str, unknown: Iterable[str], allowed: Sequence[str]) -> str:
+    """A sentence for keys that ``owner`` does not take: each key, its closest match, the allowed keys.
+
+    Example: ``backbone ResNetACMix got unknown argument 'depht' (did you mean 'depth'?);
+    allowed: depth, in_channels, ...``.
+    """
+    unknown = list(unknown)
+    named = []
+    for key in unknown:
+        close = close_matches(str(key), allowed, n=1)
+        named.append(f'{key!r}' + (f' (did you mean {close[0]!r}?)' if close else ''))
+    noun = 'argument' if len(unknown) == 1 else 'arguments'
+    return f'{owner} got unknown {noun} {", ".join(named)}; allowed: {", ".join(allowed)}'
 
 
 _UNKNOWN_TYPE = re.compile(r'(\S+) is not in the \S* ?registry')

@@ -24,7 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...ops import ACMix
 from ...registry import MODELS
-from .base import ACMixBackbone
+from .base import ACMixBackbone, check_init_cfg, check_int, check_out_indices, check_per_stage
 
 __all__ = ['ResNetACMix', 'ACMixBottleneck', 'build_norm']
 
@@ -135,31 +135,13 @@ class ACMixBottleneck(nn.Module):
 
 
 def _check_int(name: str, value, low: int, high: Optional[int] = None) -> int:
-    """Return ``value`` if it is an int in [low, high], else raise a clear error."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f'{name} must be an int, got {value!r} ({type(value).__name__})')
-    if value < low or (high is not None and value > high):
-        allowed = f'>= {low}' if high is None else f'in [{low}, {high}]'
-        raise ValueError(f'{name} must be {allowed}, got {value}')
-    return value
+    return check_int(name, value, low, high)
 
 
 def _check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
-        raise TypeError(f'{name} must be a bool, got {value!r} ({type(value).__name__})')
+        raise TypeError(f'{name} must be a bool (True or False), got {value!r} ({type(value).__name__})')
     return value
-
-
-def _per_stage(name: str, value, num_stages: int, default: tuple, check) -> tuple:
-    """A per-stage argument as a tuple of length ``num_stages`` (None: the default, cut)."""
-    if value is None:
-        return tuple(default[:num_stages])
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(f'{name} must be a sequence of {num_stages} values, got {value!r}')
-    if len(value) != num_stages:
-        raise ValueError(f'{name} must have one entry per stage (num_stages={num_stages}), '
-                         f'got {len(value)}: {tuple(value)!r}')
-    return tuple(check(f'{name}[{i}]', v) for i, v in enumerate(value))
 
 
 @MODELS.register_module()
@@ -224,7 +206,10 @@ class ResNetACMix(ACMixBackbone):
                  head: int = 4,
                  kernel_conv: int = 3,
                  attn_impl: str = 'auto') -> None:
-        if isinstance(depth, bool) or depth not in STAGE_BLOCKS:
+        if isinstance(depth, bool) or not isinstance(depth, int):
+            raise TypeError(f'invalid depth {depth!r} ({type(depth).__name__}) for ResNetACMix: '
+                            f'depth is an int; allowed: {sorted(STAGE_BLOCKS)}')
+        if depth not in STAGE_BLOCKS:
             raise ValueError(f'invalid depth {depth!r} for ResNetACMix; '
                              f'allowed: {sorted(STAGE_BLOCKS)}')
         if pretrained is not None and init_cfg is not None:
@@ -237,11 +222,7 @@ class ResNetACMix(ACMixBackbone):
                           'use init_cfg=dict(type="Pretrained", checkpoint=...)',
                           DeprecationWarning, stacklevel=2)
             init_cfg = dict(type='Pretrained', checkpoint=pretrained)
-        if init_cfg is not None:
-            cfgs = init_cfg if isinstance(init_cfg, list) else [init_cfg]
-            if not all(isinstance(c, dict) and 'type' in c for c in cfgs):
-                raise TypeError('init_cfg must be None, a dict with a "type" key or a list of such '
-                                f'dicts, got {init_cfg!r}')
+        check_init_cfg(init_cfg)
         super().__init__(init_cfg)
 
         self.depth = depth
@@ -251,11 +232,11 @@ class ResNetACMix(ACMixBackbone):
             'stem_channels', stem_channels, 1)
         self.num_stages = _check_int('num_stages', num_stages, 1, 4)
         positive = lambda n, v: _check_int(n, v, 1)  # noqa: E731
-        self.strides = _per_stage('strides', strides, num_stages, (1, 2, 2, 2), positive)
-        self.dilations = _per_stage('dilations', dilations, num_stages, (1, 1, 1, 1), positive)
-        self.acmix_stages = _per_stage('acmix_stages', acmix_stages, num_stages,
-                                       (True,) * 4, _check_bool)
-        self.out_indices = self._check_out_indices(out_indices, num_stages)
+        self.strides = check_per_stage('strides', strides, num_stages, (1, 2, 2, 2), positive)
+        self.dilations = check_per_stage('dilations', dilations, num_stages, (1, 1, 1, 1), positive)
+        self.acmix_stages = check_per_stage('acmix_stages', acmix_stages, num_stages,
+                                            (True,) * 4, _check_bool)
+        self.out_indices = check_out_indices(out_indices, num_stages)
         if style != 'pytorch':
             raise ValueError(f'style {style!r} is not supported: ResNetACMix only has '
                              f"style='pytorch' (stride on the middle ACMix layer, ResNet v1.5)")
@@ -294,19 +275,6 @@ class ResNetACMix(ACMixBackbone):
         self.out_channels = tuple(base_channels * 2**i * ACMixBottleneck.expansion
                                   for i in self.out_indices)
         self._freeze_stages()
-
-    @staticmethod
-    def _check_out_indices(out_indices, num_stages: int) -> tuple[int, ...]:
-        if isinstance(out_indices, (str, bytes)) or not isinstance(out_indices, Sequence):
-            raise TypeError(f'out_indices must be a sequence of ints, got {out_indices!r}')
-        out_indices = tuple(out_indices)
-        if not out_indices:
-            raise ValueError('out_indices is empty: name at least one stage to output')
-        for i in out_indices:
-            _check_int('each of out_indices', i, 0, num_stages - 1)
-        if len(set(out_indices)) != len(out_indices):
-            raise ValueError(f'out_indices has duplicates: {out_indices}')
-        return out_indices
 
     @staticmethod
     def _make_stage(in_channels: int, width: int, num_blocks: int, stride: int, dilation: int,

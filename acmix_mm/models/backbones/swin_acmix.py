@@ -31,6 +31,7 @@ Parameter names are the authors' inside a block (``attn.qkv``, ``attn.fc``, ``at
 from __future__ import annotations
 
 import functools
+import numbers
 import warnings
 from typing import Dict, Optional, Sequence, Tuple, Union
 
@@ -41,7 +42,7 @@ from mmengine.model.weight_init import trunc_normal_
 from torch import nn
 
 from ...registry import MODELS
-from .base import ACMixBackbone
+from .base import ACMixBackbone, check_bool, check_float, check_init_cfg, check_int, check_sequence
 
 __all__ = ['SwinACMix', 'ACMixWindowAttention', 'SwinACMixBlock']
 
@@ -398,7 +399,9 @@ class SwinACMix(ACMixBackbone):
         out_indices: stages whose outputs are returned, each through its own LayerNorm ``norm{i}``.
         frozen_stages: freeze the patch embedding (>= 0) and stages 0..frozen_stages-1 with their
             output norms; -1 freezes nothing.
-        acmix_stages: stages that use ACMix attention; the others use plain Swin attention.
+        acmix_stages: stages that use ACMix attention, as indices ``(2, 3)`` or as one bool per
+            stage ``(False, False, True, True)`` (ResNetACMix's form); the others use plain Swin
+            attention. None: every stage.
         with_cp: gradient checkpointing in every block.
         pretrained: deprecated, use ``init_cfg``.
         init_cfg: None (the authors' init: truncated normal Linear/bias tables, LayerNorm 1/0,
@@ -429,27 +432,40 @@ class SwinACMix(ACMixBackbone):
             warnings.warn('SwinACMix: pretrained is deprecated, use '
                           'init_cfg=dict(type="Pretrained", checkpoint=...)', DeprecationWarning)
             init_cfg = dict(type='Pretrained', checkpoint=pretrained)
-        if init_cfg is not None and not isinstance(init_cfg, (dict, list)):
-            raise TypeError(f'init_cfg must be a dict, a list of dicts or None, got {init_cfg!r}')
+        check_init_cfg(init_cfg)
         super().__init__(init_cfg=init_cfg)
         embed_dims, depths, num_heads = settings['embed_dims'], settings['depths'], settings['num_heads']
         num_stages = len(depths)
         for name, value, low in (('in_channels', in_channels, 1), ('patch_size', patch_size, 1),
                                  ('window_size', window_size, 1)):
-            if not isinstance(value, int) or value < low:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f'{name} must be an int >= {low}, got {value!r}')
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f'drop_path_rate must be in [0, 1), got {drop_path_rate}')
-        out_indices = tuple(out_indices)
-        if not out_indices or any(not 0 <= i < num_stages for i in out_indices):
+        # Even windows are allowed, as in Swin (Swin-B at 384 px uses 12): the shift is
+        # window_size // 2 and the relative position table covers every offset either way.
+        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, numbers.Real) or not mlp_ratio > 0:
+            raise ValueError(f'mlp_ratio must be a number > 0, got {mlp_ratio!r}')
+        drop_path_rate = check_float('drop_path_rate', drop_path_rate, 0.0, 1.0)
+        drop_rate = check_float('drop_rate', drop_rate, 0.0, 1.0)
+        attn_drop_rate = check_float('attn_drop_rate', attn_drop_rate, 0.0, 1.0)
+        if qk_scale is not None and (isinstance(qk_scale, bool) or not isinstance(qk_scale, numbers.Real)
+                                     or not qk_scale > 0):
+            raise ValueError(f'qk_scale must be None (head_dim ** -0.5) or a number > 0, got {qk_scale!r}')
+        for name, value in (('qkv_bias', qkv_bias), ('patch_norm', patch_norm), ('with_cp', with_cp)):
+            check_bool(name, value)
+        if isinstance(out_indices, int) and not isinstance(out_indices, bool):
+            raise TypeError(f'out_indices must be a list or tuple of stage indices in 0..{num_stages - 1}, '
+                            f'got the int {out_indices}; for one stage write ({out_indices},)')
+        out_indices = check_sequence('out_indices', out_indices, f'stage indices in 0..{num_stages - 1}')
+        if not out_indices or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_stages
+                                  for i in out_indices):
             raise ValueError(f'out_indices must be a non-empty subset of 0..{num_stages - 1}, '
                              f'got {out_indices}')
-        if not -1 <= frozen_stages <= num_stages:
-            raise ValueError(f'frozen_stages must be in -1..{num_stages}, got {frozen_stages}')
-        acmix_stages = tuple(range(num_stages)) if acmix_stages is None else tuple(acmix_stages)
-        if any(not 0 <= i < num_stages for i in acmix_stages):
-            raise ValueError(f'acmix_stages must be a subset of 0..{num_stages - 1}, '
-                             f'got {acmix_stages}')
+        if len(set(out_indices)) != len(out_indices):
+            raise ValueError(f'out_indices has duplicates: {out_indices}; each stage may be output once')
+        if isinstance(frozen_stages, bool) or not isinstance(frozen_stages, int) \
+                or not -1 <= frozen_stages <= num_stages:
+            raise ValueError(f'frozen_stages must be in -1..{num_stages}, got {frozen_stages!r}')
+        acmix_stages = self._acmix_stages(acmix_stages, num_stages)
         self.embed_dims, self.depths, self.num_heads = embed_dims, tuple(depths), tuple(num_heads)
         self.in_channels, self.window_size = in_channels, window_size
         self.out_indices, self.frozen_stages = out_indices, frozen_stages
@@ -473,6 +489,31 @@ class SwinACMix(ACMixBackbone):
             self.add_module(f'norm{i}', nn.LayerNorm(self.num_features[i]))
         self._freeze_stages()
 
+    @staticmethod
+    def _acmix_stages(acmix_stages, num_stages: int) -> Tuple[int, ...]:
+        """Stage indices that use ACMix, from indices ``(2, 3)`` or per-stage bools ``(F, F, T, T)``.
+
+        Per-stage bools are ResNetACMix's form; taken as indices they would silently mean
+        stages 0 and 1 (``False == 0``, ``True == 1``), so a bool sequence must have one entry
+        per stage and is converted here. Mixing bools and ints is refused.
+        """
+        if acmix_stages is None:
+            return tuple(range(num_stages))
+        what = f'stage indices in 0..{num_stages - 1} or {num_stages} bools (one per stage)'
+        value = check_sequence('acmix_stages', acmix_stages, what)
+        bools = [isinstance(v, bool) for v in value]
+        if value and all(bools):
+            if len(value) != num_stages:
+                raise ValueError(f'acmix_stages as bools must have one entry per stage '
+                                 f'({num_stages}), got {len(value)}: {value!r}')
+            return tuple(i for i, use in enumerate(value) if use)
+        if any(bools):
+            raise TypeError(f'acmix_stages mixes bools and ints: {value!r}; give {what}')
+        if any(not isinstance(i, int) or not 0 <= i < num_stages for i in value):
+            raise ValueError(f'acmix_stages must be a subset of 0..{num_stages - 1}, '
+                             f'got {value}')
+        return value
+
     @classmethod
     def _arch(cls, arch: Union[str, dict]) -> dict:
         if isinstance(arch, str):
@@ -485,6 +526,10 @@ class SwinACMix(ACMixBackbone):
         needed = {'embed_dims', 'depths', 'num_heads'}
         if set(arch) != needed:
             raise ValueError(f'an arch dict needs exactly the keys {sorted(needed)}, got {sorted(arch)}')
+        check_int('arch embed_dims', arch['embed_dims'], 1)
+        for key in ('depths', 'num_heads'):
+            for i, v in enumerate(check_sequence(f'arch {key}', arch[key], 'positive ints')):
+                check_int(f'arch {key}[{i}]', v, 1)
         if len(arch['depths']) != len(arch['num_heads']) or not arch['depths']:
             raise ValueError(f'arch depths {arch["depths"]} and num_heads {arch["num_heads"]} must '
                              'be non-empty and of the same length')
