@@ -1,0 +1,178 @@
+"""The Triton local-attention kernels against the unfold reference, under Triton's interpreter.
+
+Triton picks interpreter or compiler when its kernels are defined (at import), so the kernels
+run in a child process started with ``TRITON_INTERPRET=1``: this file, run as a script with
+``--child``, computes every case and prints one JSON line per case; the tests below check
+the numbers. The interpreter runs each program in numpy, so the cases are tiny.
+
+Requires triton (``requirements/tests.txt``): on purpose there is no skip when it is missing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Dict, List
+
+import pytest
+import torch
+
+import triton  # noqa: F401  (a missing triton must fail here, loudly, not skip)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# name: (leading dims, D, Dv, H, W, kernel, dilation, stride, dtype, layout)
+CASES: Dict[str, tuple] = {
+    'odd_map_k3': ((2, 1), 3, 2, 5, 7, 3, 1, 1, 'float32', 'contiguous'),
+    'stride2_odd_d_ne_dv': ((2,), 5, 3, 5, 7, 3, 1, 2, 'float32', 'contiguous'),
+    'dilation2': ((1, 2), 4, 4, 6, 5, 3, 2, 1, 'float32', 'contiguous'),
+    'k7_three_lead_dims': ((2, 1, 1), 3, 2, 5, 6, 7, 1, 1, 'float32', 'contiguous'),
+    'k7_1px_map': ((), 3, 2, 1, 1, 7, 1, 1, 'float32', 'contiguous'),
+    'k7_2x3_dil2_stride2': ((1, 1), 3, 2, 2, 3, 7, 2, 2, 'float32', 'contiguous'),
+    'k5_3x1_stride3': ((1, 2), 2, 3, 3, 1, 5, 1, 3, 'float32', 'contiguous'),
+    # ACMix's operands: permuted views of one (B, dim, 3, head, H, W) projection, q strided.
+    'acmix_views_stride2': ((2, 2), 4, 4, 5, 6, 3, 1, 2, 'float32', 'acmix'),
+    'float64': ((1, 2), 3, 2, 4, 5, 3, 1, 1, 'float64', 'contiguous'),
+    'float16': ((1, 2), 4, 4, 4, 5, 3, 1, 1, 'float16', 'contiguous'),
+}
+TOLERANCE = {'float32': 1e-5, 'float64': 1e-12, 'float16': 5e-3}  # fp16 rounding of values of size ~2
+
+
+def _operands(lead, d, dv, h, w, stride, dtype, layout, seed=0) -> List[torch.Tensor]:
+    """q, k, v, q_pos, coord_x, coord_y for one case (see unfold_local_attention)."""
+    gen = torch.Generator().manual_seed(seed)
+    h_out, w_out = -(-h // stride), -(-w // stride)
+    if layout == 'acmix':
+        assert d == dv and len(lead) == 2
+        qkv = torch.randn(lead[0], d, 3, lead[1], h, w, generator=gen)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4, 5).unbind(0)
+        q = q[..., ::stride, ::stride]
+    else:
+        q = torch.randn(*lead, d, h_out, w_out, generator=gen)
+        k = torch.randn(*lead, d, h, w, generator=gen)
+        v = torch.randn(*lead, dv, h, w, generator=gen)
+    q_pos = torch.randn(*lead, 2, h_out, w_out, generator=gen)
+    coord_x = torch.linspace(-1.0, 1.0, w)
+    coord_y = torch.linspace(-1.0, 1.0, h)
+    return [x.to(getattr(torch, dtype)) for x in (q, k, v, q_pos, coord_x, coord_y)]
+
+
+def _child() -> None:
+    """Runs in the TRITON_INTERPRET=1 child: one JSON line of max errors per case."""
+    from acmix_mm.ops.local_attention import unfold_local_attention
+    from acmix_mm.ops.triton_local_attention import triton_available, triton_local_attention
+
+    print(json.dumps({'case': '_available', 'value': triton_available()}), flush=True)
+    for name, (lead, d, dv, h, w, kernel, dil, stride, dtype, layout) in CASES.items():
+        ops = _operands(lead, d, dv, h, w, stride, dtype, layout)
+        # The reference runs in float64 for the half case (the kernel computes in fp32).
+        ref_ops = [x.double() if dtype == 'float16' else x for x in ops]
+        ins = [x.detach().requires_grad_(True) for x in ops[:4]] + ops[4:]
+        ref_ins = [x.detach().requires_grad_(True) for x in ref_ops[:4]] + ref_ops[4:]
+        out = triton_local_attention(*ins, kernel, dil, stride, 0.7)
+        ref = unfold_local_attention(*ref_ins, kernel, dil, stride, 0.7)
+        grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1))
+        grads = torch.autograd.grad(out, ins[:4], grad_out.to(out.dtype))
+        ref_grads = torch.autograd.grad(ref, ref_ins[:4], grad_out.to(ref.dtype))
+        # Run the backward again: the gather formulation must give bitwise the same result.
+        out2 = triton_local_attention(*ins, kernel, dil, stride, 0.7)
+        grads2 = torch.autograd.grad(out2, ins[:4], grad_out.to(out.dtype))
+        errors = {'out': (out.double() - ref.double()).abs().max().item()}
+        for label, g, r in zip(('q', 'k', 'v', 'q_pos'), grads, ref_grads):
+            errors[label] = (g.double() - r.double()).abs().max().item()
+            errors[label + '_shape_ok'] = tuple(g.shape) == tuple(r.shape)
+        errors['dtype_ok'] = out.dtype == ops[0].dtype and all(
+            g.dtype == x.dtype for g, x in zip(grads, ops[:4]))
+        errors['shape_ok'] = tuple(out.shape) == tuple(ref.shape)
+        errors['deterministic'] = all(torch.equal(a, b) for a, b in zip(grads, grads2))
+        print(json.dumps({'case': name, 'value': errors}), flush=True)
+
+
+@pytest.fixture(scope='module')
+def interpreted() -> Dict[str, object]:
+    """Every case's errors, computed once in a TRITON_INTERPRET=1 child process."""
+    env = dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--child'], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f'interpreter child failed:\n{proc.stdout}\n{proc.stderr}'
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
+    return {entry['case']: entry['value'] for entry in lines}
+
+
+def test_available_under_interpreter(interpreted):
+    assert interpreted['_available'] is True
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_matches_unfold_forward_and_gradients(interpreted, name):
+    errors = interpreted[name]
+    tol = TOLERANCE[CASES[name][8]]
+    assert errors['shape_ok'] and errors['dtype_ok'], errors
+    for label in ('out', 'q', 'k', 'v', 'q_pos'):
+        assert errors[label] <= tol, f'{name}: {label} differs from unfold by {errors[label]}'
+    for label in ('q', 'k', 'v', 'q_pos'):
+        assert errors[label + '_shape_ok'], f'{name}: grad {label} has the wrong shape'
+    assert errors['deterministic'], f'{name}: two backward passes differ'
+
+
+# In-process (no interpreter: the kernels here are compiled-mode and never launched on CPU).
+
+def test_availability_follows_cuda_without_interpreter():
+    from acmix_mm.ops import triton_local_attention as mod
+    if os.environ.get('TRITON_INTERPRET') not in (None, '', '0'):
+        pytest.fail('run this test without TRITON_INTERPRET in the environment')
+    assert mod.triton_available() == torch.cuda.is_available()
+
+
+def test_cpu_tensors_are_refused_without_interpreter():
+    from acmix_mm.ops.triton_local_attention import triton_local_attention
+    ops = _operands((1, 1), 2, 2, 3, 3, 1, 'float32', 'contiguous')
+    if torch.cuda.is_available():
+        pytest.fail('this check is for machines without CUDA; tools/check_gpu.py covers CUDA')
+    with pytest.raises(RuntimeError, match='needs CUDA tensors, got device cpu'):
+        triton_local_attention(*ops, 3)
+
+
+@pytest.mark.parametrize('bad,match', [
+    ('int', 'dtype must be one of'),
+    ('mixed', 'q is torch.float32 but v is torch.float64'),
+    ('even_kernel', 'kernel must be a positive odd int, got 4'),
+])
+def test_bad_inputs_are_named(bad, match):
+    from acmix_mm.ops.triton_local_attention import triton_local_attention
+    ops = _operands((1, 1), 2, 2, 3, 3, 1, 'float32', 'contiguous')
+    kernel = 3
+    if bad == 'int':
+        ops = [x.to(torch.int32) for x in ops]
+    elif bad == 'mixed':
+        ops[2] = ops[2].double()
+    else:
+        kernel = 4
+    with pytest.raises(ValueError, match=match):
+        triton_local_attention(*ops, kernel)
+
+
+@pytest.mark.parametrize('size', [1, 2, 3, 4, 7])
+@pytest.mark.parametrize('pad', [0, 1, 3, 6])
+def test_inverse_padding_tables(size, pad):
+    """Each padded position is listed exactly once, under the pixel it reads."""
+    from acmix_mm.ops.local_attention import reflect_index
+    from acmix_mm.ops.triton_local_attention import _tables
+    table, inverse, max_count = _tables(size, pad, 'cpu')
+    expected = reflect_index(size, pad)
+    assert table.dtype == torch.int32 and torch.equal(table.long(), expected)
+    assert inverse.shape == (size, max_count)
+    listed = sorted(int(p) for p in inverse.flatten() if p >= 0)
+    assert listed == list(range(size + 2 * pad))
+    for pixel in range(size):
+        for p in inverse[pixel]:
+            if p >= 0:
+                assert int(expected[p]) == pixel
+
+
+if __name__ == '__main__':
+    if sys.argv[1:] != ['--child']:
+        sys.exit('usage: TRITON_INTERPRET=1 python tests/ops/test_triton_local_attention.py '
+                 '--child')
+    _child()
