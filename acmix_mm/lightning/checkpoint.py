@@ -149,7 +149,7 @@ def _lightning_refusals(path: str) -> List[str]:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # noqa: BLE001 -- legacy (non-zip) files: safe_load already read them
         return []
-    return [display_global(n) for n in names]
+    return [display_global(n) for n in sorted(names)]
 
 
 class StartCheckpoint:

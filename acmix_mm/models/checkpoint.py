@@ -38,6 +38,7 @@ import os
 import pickle
 import pickletools
 import re
+import warnings
 import zipfile
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -316,7 +317,9 @@ def safe_load(path: str | os.PathLike) -> Any:
         raise CheckpointError(f'checkpoint {path!r} is not a torch.save file: {_describe_start(head)}')
     allowed = _allowed_globals()
     try:
-        with torch.serialization.safe_globals(allowed):
+        with torch.serialization.safe_globals(allowed), warnings.catch_warnings():
+            # torch warns about a pickle protocol it may not parse; a failure is reported below.
+            warnings.filterwarnings('ignore', message='Detected pickle protocol', category=UserWarning)
             obj = torch.load(path, map_location='cpu', weights_only=True)
     except _READ_ERRORS as err:
         message = str(err).split('WeightsUnpickler error:')[-1]
