@@ -15,19 +15,48 @@ mmengine's ``Evaluator.evaluate(size)`` gathers the per-rank results with ``coll
 which interleaves them back in rank order (``zip_longest``) and truncates to ``size``, so the
 metric sees every image exactly once and in dataset order, computes on rank 0, and broadcasts.
 The Trainer must be built with ``use_distributed_sampler=False`` (see ``trainer.py``).
+
+Resumable, reproducible training data (:class:`ResumableDataLoader`, what ``train_dataloader``
+returns):
+
+* **Mid-epoch resume.** The loader is *stateful* in Lightning's sense (``state_dict`` /
+  ``load_state_dict``): it records the epoch and how many batches of it the loop has taken, and a
+  resumed run skips those batches at the index level (their images are never loaded), so the
+  epoch continues with the batch that follows the checkpoint instead of restarting.
+* **Augmentation as a pure function of (seed, epoch, sample index)** (``lightning.per_sample_seed``,
+  default True). mmdet/mmseg transforms draw from the global ``random`` / ``numpy.random`` /
+  ``torch`` generators. The batch sampler hands each index together with a seed derived from the
+  run's seed, the epoch and the index; :class:`SeededDataset` seeds the three generators with it
+  around the pipeline call and puts the caller's states back afterwards. A sample's augmentation
+  then does not depend on which worker loads it, on ``num_workers``, on what was loaded before,
+  or on a resume; and the main process's generators (dropout, RoI sampling) are untouched by data
+  loading. With ``per_sample_seed=False`` transforms draw from the generators as under mmengine's
+  Runner (bit-identical data to the Runner's); a resume is then exact only with ``num_workers=0``.
+* **The iterator is created at the first batch**, after Lightning has called ``set_epoch``, so
+  workers (which prefetch as soon as they start) never read the previous epoch's order. Creating a
+  DataLoader iterator draws one number from torch's global generator; the loader draws it exactly
+  when an uninterrupted run would (every epoch; with ``persistent_workers`` only at epoch 0; never
+  when continuing a resumed epoch), so the global random stream, and with it dropout and RoI
+  sampling, continues after a resume as if the run had never stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
-from typing import Any, Dict, Mapping, Optional
+import random
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+
+import numpy as np
+import torch
 
 from lightning.pytorch import LightningDataModule
 from mmengine.config import Config, ConfigDict
+from mmengine.dist import sync_random_seed
 from mmengine.evaluator import Evaluator
 from mmengine.registry import DATASETS, EVALUATOR, init_default_scope
 from mmengine.runner import Runner
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .config import ConfigLike, as_config
 
@@ -98,6 +127,259 @@ def build_evaluator(evaluator_cfg: Any, dataset: Dataset, where: str) -> Evaluat
     return evaluator
 
 
+# -- resumable, reproducible training data (module docstring) -------------------------------------
+_SEED_MASK = (1 << 63) - 1
+_LOADER_SEED_INDEX = 1 << 40  # no sample has this index: the seed of a loader's own generator
+
+
+def sample_seed(base_seed: int, epoch: int, index: int) -> int:
+    """The seed of sample ``index`` in ``epoch`` of a run seeded with ``base_seed`` (a uint32).
+
+    A pure function (numpy's ``SeedSequence`` hashes the three numbers), so any process computes
+    the same seed for the same sample, and neighbouring samples get unrelated streams.
+    """
+    entropy = [int(base_seed) & _SEED_MASK, int(epoch), int(index)]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint32)[0])
+
+
+@contextlib.contextmanager
+def seeded_global_rngs(seed: int) -> Iterator[None]:
+    """Seed ``random``, ``numpy.random`` and torch's CPU generator with ``seed`` inside the block,
+    and put back the states they had before it (CUDA generators are not touched)."""
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    torch_state = torch.default_generator.get_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.default_generator.set_state(torch_state)
+
+
+class SeededDataset(Dataset):
+    """Wrap a map-style dataset so that ``dataset[(index, seed)]`` runs its pipeline seeded.
+
+    A plain ``dataset[index]`` passes through unchanged. Attributes not defined here
+    (``metainfo``, ``get_data_info``, ...) are the wrapped dataset's.
+
+    Args:
+        dataset: the dataset (e.g. an mmengine ``BaseDataset``).
+    """
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, tuple):
+            index, seed = key
+            with seeded_global_rngs(seed):
+                return self.dataset[index]
+        return self.dataset[key]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == 'dataset':  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+class _EpochForwarder:
+    """``batch_sampler.sampler`` as Lightning sees it: ``set_epoch`` reaches the wrapper too.
+
+    Lightning calls ``set_epoch`` on ``dataloader.batch_sampler.sampler`` at every epoch start;
+    this forwards the call to the real sampler (and to the wrapped batch sampler if it has one)
+    and records the epoch in :class:`ResumableBatchSampler`. Everything else is the real sampler's.
+    """
+
+    def __init__(self, owner: 'ResumableBatchSampler'):
+        self._owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self._owner.set_epoch(epoch)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._owner.index_sampler, name)
+
+    def __iter__(self):
+        return iter(self._owner.index_sampler)
+
+    def __len__(self) -> int:
+        return len(self._owner.index_sampler)
+
+
+class ResumableBatchSampler(Sampler):
+    """A batch sampler that can skip the first batches of an epoch and seeds every sample.
+
+    Args:
+        batch_sampler: the config's batch sampler (torch ``BatchSampler`` over mmengine's
+            ``DefaultSampler``, or e.g. mmdet's ``AspectRatioBatchSampler``).
+        base_seed: the run's data seed; None: yield plain indices (no per-sample seeding).
+
+    Yields lists of ``(index, seed)`` pairs (plain indices when ``base_seed`` is None).
+    """
+
+    def __init__(self, batch_sampler: Any, base_seed: Optional[int]):
+        self.batch_sampler = batch_sampler
+        self.base_seed = base_seed
+        self.index_sampler = getattr(batch_sampler, 'sampler', None)
+        self.epoch = 0
+        self._skip = 0
+
+    @property
+    def sampler(self) -> _EpochForwarder:
+        return _EpochForwarder(self)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        for target in (self.index_sampler, self.batch_sampler):
+            set_epoch = getattr(target, 'set_epoch', None)
+            if callable(set_epoch):
+                set_epoch(epoch)
+
+    def skip_next(self, batches: int) -> None:
+        """Drop the first ``batches`` batches of the next pass (indices only, nothing is loaded)."""
+        self._skip = int(batches)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[List[Any]]:
+        skip, self._skip = self._skip, 0
+        epoch = self.epoch
+        for i, batch in enumerate(self.batch_sampler):
+            if i < skip:
+                continue
+            if self.base_seed is None:
+                yield list(batch)
+            else:
+                yield [(index, sample_seed(self.base_seed, epoch, index)) for index in batch]
+
+
+class _LazyIterator:
+    """What ``iter(ResumableDataLoader)`` returns: the real iterator starts at the first batch."""
+
+    def __init__(self, loader: 'ResumableDataLoader'):
+        self._loader = loader
+        self._iterator: Optional[Iterator] = None
+
+    def __iter__(self) -> '_LazyIterator':
+        return self
+
+    def __next__(self) -> Any:
+        if self._iterator is None:
+            self._iterator = self._loader._start()
+        batch = next(self._iterator)
+        self._loader.batches_taken += 1
+        return batch
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+
+class ResumableDataLoader(DataLoader):
+    """A training DataLoader that Lightning can checkpoint and resume mid-epoch.
+
+    Build it with :meth:`wrap` from the DataLoader mmengine's ``Runner.build_dataloader`` makes.
+    ``state_dict()`` = ``{'epoch', 'batches', 'base_seed', 'sampler_seed'}``: the epoch, the
+    batches of it the loop has taken (counted as they are handed out: Lightning does not prefetch
+    from a sized loader), the per-sample seed base and the index sampler's shuffle seed.
+    ``load_state_dict`` makes the next pass of that same epoch skip those batches; a pass of
+    another epoch is not affected.
+    """
+
+    batch_sampler: ResumableBatchSampler
+
+    @classmethod
+    def wrap(cls, loader: DataLoader, base_seed: Optional[int]) -> 'ResumableDataLoader':
+        """Rebuild ``loader`` (same workers, collate, worker init, ...) as a resumable loader.
+
+        Args:
+            loader: a DataLoader with a batch size (it has a ``batch_sampler``).
+            base_seed: the per-sample seed base; None disables per-sample seeding.
+        """
+        if loader.batch_sampler is None:
+            raise ValueError('the training DataLoader has no batch_sampler (batch_size=None); '
+                             'resumable training needs batches of indices')
+        dataset = loader.dataset if base_seed is None else SeededDataset(loader.dataset)
+        kwargs: Dict[str, Any] = dict(
+            batch_sampler=ResumableBatchSampler(loader.batch_sampler, base_seed),
+            num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+            timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+            multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
+            persistent_workers=loader.persistent_workers, pin_memory_device=loader.pin_memory_device)
+        if loader.num_workers > 0:
+            kwargs['prefetch_factor'] = loader.prefetch_factor
+        if hasattr(loader, 'in_order'):
+            kwargs['in_order'] = loader.in_order
+        return cls(dataset, **kwargs)
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.batches_taken = 0   # batches of the current epoch handed to the loop
+        self._taken_epoch = 0
+        self._pending: Optional[Tuple[int, int]] = None  # (epoch, batches) to skip on resume
+        self._user_generator = self.generator
+
+    @property
+    def epoch(self) -> int:
+        return self.batch_sampler.epoch
+
+    def __iter__(self) -> _LazyIterator:  # type: ignore[override]
+        return _LazyIterator(self)
+
+    def _start(self) -> Iterator:
+        """Create the real iterator (first batch of a pass): apply a pending skip, draw the seed."""
+        epoch = self.epoch
+        skip = 0
+        if self._pending is not None:
+            pending_epoch, pending_batches = self._pending
+            self._pending = None
+            if pending_epoch == epoch:
+                skip = pending_batches
+        self.batch_sampler.skip_next(skip)
+        self.batches_taken = skip
+        self._taken_epoch = epoch
+        persistent = self.persistent_workers and self.num_workers > 0
+        # An uninterrupted run draws torch's global generator once per pass (once per run with
+        # persistent workers) when DataLoader creates its iterator; draw exactly then.
+        creates = not (persistent and self._iterator is not None)
+        canonical = skip == 0 and (not persistent or epoch == 0)
+        if creates:
+            if self._user_generator is not None:
+                self.generator = self._user_generator
+            else:
+                if canonical:
+                    seed = int(torch.empty((), dtype=torch.int64).random_().item())
+                else:
+                    seed = sample_seed(self.batch_sampler.base_seed or 0, epoch, _LOADER_SEED_INDEX)
+                self.generator = torch.Generator().manual_seed(seed)
+        return super().__iter__()
+
+    def state_dict(self) -> Dict[str, Any]:
+        sampler = self.batch_sampler.index_sampler
+        sampler_seed = getattr(sampler, 'seed', None)
+        return {'epoch': int(self._taken_epoch), 'batches': int(self.batches_taken),
+                'base_seed': self.batch_sampler.base_seed,
+                'sampler_seed': int(sampler_seed) if isinstance(sampler_seed, (int, np.integer)) else None}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        missing = sorted({'epoch', 'batches'} - set(state))
+        if missing:
+            raise ValueError(f'the training dataloader state lacks {", ".join(missing)}: {dict(state)!r}')
+        self._pending = (int(state['epoch']), int(state['batches']))
+        if state.get('base_seed') is not None and self.batch_sampler.base_seed is not None:
+            self.batch_sampler.base_seed = int(state['base_seed'])
+        sampler = self.batch_sampler.index_sampler
+        if state.get('sampler_seed') is not None and hasattr(sampler, 'seed'):
+            sampler.seed = int(state['sampler_seed'])
+
+
 class MMDataModule(LightningDataModule):
     """Dataloaders and evaluators of ``{train,val,test}_dataloader`` / ``{val,test}_evaluator``.
 
@@ -118,6 +400,10 @@ class MMDataModule(LightningDataModule):
         if seed is None:
             seed = (self.cfg.get('randomness') or {}).get('seed')
         self.seed = seed
+        per_sample_seed = (self.cfg.get('lightning') or {}).get('per_sample_seed', True)
+        if not isinstance(per_sample_seed, bool):
+            raise ValueError(f'lightning.per_sample_seed={per_sample_seed!r}; allowed: True, False')
+        self.per_sample_seed = per_sample_seed
         self.datasets: Dict[str, Dataset] = {}
         self.evaluators: Dict[str, Evaluator] = {}
 
@@ -201,8 +487,15 @@ class MMDataModule(LightningDataModule):
         diff_rank_seed = bool((self.cfg.get('randomness') or {}).get('diff_rank_seed', False))
         return Runner.build_dataloader(ConfigDict(loader_cfg), seed=self.seed, diff_rank_seed=diff_rank_seed)
 
-    def train_dataloader(self) -> DataLoader:
-        return self.build_dataloader('train')
+    def train_dataloader(self) -> ResumableDataLoader:
+        """The training loader as a :class:`ResumableDataLoader` (see the module docstring)."""
+        loader = self.build_dataloader('train')
+        base_seed = None
+        if self.per_sample_seed:
+            # Without randomness.seed, one random base shared by every rank (mmengine's way of
+            # seeding samplers); a resume reads it back from the loader's state.
+            base_seed = int(self.seed) if self.seed is not None else int(sync_random_seed())
+        return ResumableDataLoader.wrap(loader, base_seed)
 
     def val_dataloader(self) -> DataLoader:
         return self.build_dataloader('val')

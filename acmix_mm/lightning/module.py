@@ -17,8 +17,10 @@ Training step, per batch (the same sequence as mmengine's ``BaseModel.train_step
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Mapping, Optional
+import random
+from typing import Any, Dict, List, Mapping, Optional
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 from mmengine.config import Config
@@ -34,6 +36,42 @@ log = logging.getLogger(__name__)
 
 NAN_POLICIES = ('raise', 'skip')
 SCHEDULER_STATE_KEY = 'mm_param_schedulers'
+RNG_STATE_KEY = 'rng_states'
+LOADER_STATE_KEY = 'train_loader_state'
+
+
+def collect_rng_states() -> Dict[str, Any]:
+    """The global random states of torch (CPU and every CUDA device), numpy and Python, as plain
+    data (tensors, ints, floats, lists), so that ``torch.load(weights_only=True)`` reads them."""
+    np_key, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    states: Dict[str, Any] = {
+        'torch': torch.get_rng_state(),
+        'numpy': {'key': str(np_key), 'state': torch.from_numpy(np_keys.astype(np.int64)),
+                  'pos': int(np_pos), 'has_gauss': int(np_has_gauss), 'cached_gaussian': float(np_gauss)},
+        'python': {'version': int(py_version), 'state': [int(v) for v in py_internal],
+                   'gauss_next': None if py_gauss is None else float(py_gauss)},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states['cuda'] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: Mapping[str, Any]) -> None:
+    """Set the global generators to ``states`` (from :func:`collect_rng_states`).
+
+    CUDA states are restored when the checkpoint holds one per visible device; otherwise
+    (another GPU count, or a CPU run) the CUDA generators keep their seeding.
+    """
+    torch.set_rng_state(torch.as_tensor(states['torch'], dtype=torch.uint8).cpu())
+    np_state = states['numpy']
+    np.random.set_state((np_state['key'], np.asarray(np_state['state'], dtype=np.int64).astype(np.uint32),
+                         int(np_state['pos']), int(np_state['has_gauss']), float(np_state['cached_gaussian'])))
+    py_state = states['python']
+    random.setstate((int(py_state['version']), tuple(int(v) for v in py_state['state']), py_state['gauss_next']))
+    cuda: Optional[List[torch.Tensor]] = states.get('cuda')
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([torch.as_tensor(t, dtype=torch.uint8).cpu() for t in cuda])
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -87,6 +125,8 @@ class MMLightningModule(LightningModule):
         self.optim_settings = OptimSettings.from_config(optim_cfg) if optim_cfg else OptimSettings()
         self.stepper: Optional[SchedulerStepper] = None
         self._pending_scheduler_states = None
+        self._pending_rng_states: Optional[Mapping[str, Any]] = None
+        self._pending_loader_state: Optional[Mapping[str, Any]] = None
         self.metrics: Dict[str, Dict[str, Any]] = {}
         self.evaluators: Dict[str, Any] = {}  # set directly when no MMDataModule is used
 
@@ -117,6 +157,19 @@ class MMLightningModule(LightningModule):
             return True
         # torch's SyncBatchNorm synchronises only CUDA-like tensors; on CPU it raises.
         return trainer.strategy.root_device.type == 'cpu'
+
+    def on_train_start(self) -> None:
+        # Resume: put back what the checkpoint recorded at the moment it was written. Here, after
+        # Lightning has built the training iterator (lazily: no batch and no random draw yet) and
+        # before the first batch, so that the run continues exactly as an uninterrupted one.
+        if self._pending_loader_state is not None:
+            loader = self.trainer.train_dataloader
+            if hasattr(loader, 'load_state_dict'):
+                loader.load_state_dict(self._pending_loader_state)
+            self._pending_loader_state = None
+        if self._pending_rng_states is not None:
+            restore_rng_states(self._pending_rng_states)
+            self._pending_rng_states = None
 
     def loop_spec(self) -> LoopSpec:
         return LoopSpec.from_config(self.cfg)
@@ -269,6 +322,14 @@ class MMLightningModule(LightningModule):
         state_dict = ckpt.strip_model_prefix(checkpoint['state_dict'])
         if self.stepper is not None:
             checkpoint[SCHEDULER_STATE_KEY] = self.stepper.state_dict()
+        # Lightning saves neither the global random states nor (for a loader it cannot see as
+        # stateful before its own restore runs) the data position: both are needed for a resume
+        # that equals an uninterrupted run. In DDP rank 0 writes the file, so every rank restores
+        # rank 0's states (equal across ranks anyway unless randomness.diff_rank_seed).
+        checkpoint[RNG_STATE_KEY] = collect_rng_states()
+        loader = self._trainer.train_dataloader if self._trainer is not None else None
+        if loader is not None and hasattr(loader, 'state_dict') and hasattr(loader, 'load_state_dict'):
+            checkpoint[LOADER_STATE_KEY] = loader.state_dict()
         meta = {'epoch': self.current_epoch, 'iter': self.global_step, 'cfg': self.cfg.pretty_text}
         datamodule = getattr(self._trainer, 'datamodule', None)
         if datamodule is not None and hasattr(datamodule, 'dataset_meta'):
@@ -292,6 +353,8 @@ class MMLightningModule(LightningModule):
                 ckpt.check_compatible(self.model, state_dict, 'the resumed checkpoint')
                 checkpoint['state_dict'] = ckpt.add_model_prefix(state_dict)
         self._pending_scheduler_states = checkpoint.get(SCHEDULER_STATE_KEY)
+        self._pending_rng_states = checkpoint.get(RNG_STATE_KEY)
+        self._pending_loader_state = checkpoint.get(LOADER_STATE_KEY)
 
 
 def _batch_size(data: Any) -> int:

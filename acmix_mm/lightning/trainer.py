@@ -12,6 +12,7 @@ The ``lightning`` section (every key optional)::
                                     # 'bf16-mixed'; '16-mixed' becomes 'bf16-mixed' on CPU), else '32-true'
         find_unused_parameters=False,   # DDP; also read from model_wrapper_cfg / find_unused_parameters
         nan_policy='raise',         # or 'skip' (MMLightningModule)
+        per_sample_seed=True,       # augmentation = f(seed, epoch, sample index) (MMDataModule)
         sync_bn='auto',             # 'auto' | 'keep' | 'revert' (MMLightningModule)
         log_every_n_steps=None,     # None: default_hooks.logger.interval, else 50
         num_sanity_val_steps=0,     # mmengine's Runner runs no sanity check
@@ -30,7 +31,13 @@ step at every end of a pass over the data while mmengine accumulates across it),
 ``val_check_interval=val_interval`` batches across epochs.
 ``optim_wrapper.accumulative_counts`` -> ``accumulate_grad_batches``. ``val_begin`` is ignored.
 Checkpoints go to ``WORK_DIR/checkpoints`` after every validation (after every epoch, or every
-``val_interval`` iterations, without validation), with ``last.ckpt`` kept up to date.
+``val_interval`` iterations, without validation), with ``last.ckpt`` kept up to date, each
+written atomically (:class:`~acmix_mm.lightning.checkpoint_io.AtomicCheckpointIO`: complete or
+absent, never truncated, also under ``kill -9``).
+
+Determinism: ``randomness.deterministic=True`` -> ``Trainer(deterministic=True)`` (torch's
+deterministic algorithms, cuDNN autotuning off); otherwise ``env_cfg.cudnn_benchmark`` ->
+``Trainer(benchmark=...)`` as mmengine's Runner sets it.
 """
 from __future__ import annotations
 
@@ -43,14 +50,16 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 from mmengine.config import Config
 
+from .checkpoint_io import AtomicCheckpointIO
 from .config import LoopSpec
 from .optim import OptimSettings
 
 LIGHTNING_KEYS = ('accelerator', 'devices', 'num_nodes', 'strategy', 'precision', 'find_unused_parameters',
-                  'nan_policy', 'sync_bn', 'log_every_n_steps', 'num_sanity_val_steps',
+                  'nan_policy', 'per_sample_seed', 'sync_bn', 'log_every_n_steps', 'num_sanity_val_steps',
                   'enable_progress_bar', 'checkpoint', 'loggers', 'trainer_kwargs')
 CHECKPOINT_KEYS = ('save_last', 'save_top_k', 'monitor', 'mode')
 LOGGERS = ('tensorboard', 'csv')
@@ -180,6 +189,7 @@ def build_trainer(cfg: Config, work_dir: str, overrides: Optional[TrainerOverrid
     optim = OptimSettings.from_config(cfg.optim_wrapper) if cfg.get('optim_wrapper') else OptimSettings()
     strategy = _strategy(cfg, section, overrides.strategy or section.get('strategy', 'auto'))
     logger_hook = (cfg.get('default_hooks') or {}).get('logger') or {}
+    deterministic = bool((cfg.get('randomness') or {}).get('deterministic', False))
     kwargs: Dict[str, Any] = dict(
         accelerator=accelerator,
         devices=overrides.devices if overrides.devices is not None else section.get('devices', 1),
@@ -196,8 +206,12 @@ def build_trainer(cfg: Config, work_dir: str, overrides: Optional[TrainerOverrid
         num_sanity_val_steps=section.get('num_sanity_val_steps', 0),
         log_every_n_steps=section.get('log_every_n_steps') or logger_hook.get('interval', 50),
         enable_progress_bar=section.get('enable_progress_bar', True),
-        deterministic=bool((cfg.get('randomness') or {}).get('deterministic', False)),
+        deterministic=deterministic,
+        plugins=[AtomicCheckpointIO()],
     )
+    benchmark = (cfg.get('env_cfg') or {}).get('cudnn_benchmark')
+    if benchmark is not None and not deterministic:
+        kwargs['benchmark'] = bool(benchmark)
     if loop.by_epoch:
         kwargs.update(max_epochs=loop.max_epochs, check_val_every_n_epoch=loop.val_interval)
     else:
@@ -208,8 +222,15 @@ def build_trainer(cfg: Config, work_dir: str, overrides: Optional[TrainerOverrid
         kwargs['limit_val_batches'] = 0
     for source in (dict(section.get('trainer_kwargs') or {}), dict(extra)):
         callbacks = list(source.pop('callbacks', None) or [])
+        plugins = source.pop('plugins', None)
         kwargs.update(source)
         kwargs['callbacks'] = kwargs['callbacks'] + callbacks
+        if plugins is not None:
+            plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+            if any(isinstance(p, CheckpointIO) for p in plugins):
+                kwargs['plugins'] = plugins  # the caller's own checkpoint writer replaces ours
+            else:
+                kwargs['plugins'] = [p for p in kwargs['plugins'] if isinstance(p, CheckpointIO)] + plugins
     if kwargs.get('enable_checkpointing') is False:
         kwargs['callbacks'] = [c for c in kwargs['callbacks'] if not isinstance(c, ModelCheckpoint)]
     return Trainer(**kwargs)
