@@ -73,7 +73,8 @@ def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> list[str]
     return difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.6)
 
 
-def unknown_keys_message(owner: str, unknown: Iterable[str], allowed: Sequence[str]) -> str:
+def unknown_keys_message(owner: str, unknown: Iterable[str], allowed: Sequence[str],
+                         noun: str = 'argument') -> str:
     """A sentence for keys that ``owner`` does not take: each key, its closest match, the allowed keys.
 
     Example: ``backbone ResNetACMix got unknown argument 'depht' (did you mean 'depth'?);
@@ -84,7 +85,7 @@ def unknown_keys_message(owner: str, unknown: Iterable[str], allowed: Sequence[s
     for key in unknown:
         close = close_matches(str(key), allowed, n=1)
         named.append(f'{key!r}' + (f' (did you mean {close[0]!r}?)' if close else ''))
-    noun = 'argument' if len(unknown) == 1 else 'arguments'
+    noun = noun if len(unknown) == 1 else noun + 's'
     return f'{owner} got unknown {noun} {", ".join(named)}; allowed: {", ".join(allowed)}'
 
 

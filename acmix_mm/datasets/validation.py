@@ -1,0 +1,359 @@
+"""Checks on datasets before training starts: clear errors for broken files, counts of skipped boxes.
+
+Two pieces:
+
+* :func:`validate_dataset`, for any built dataset (mmdet, mmseg, a wrapper): an empty dataset
+  raises ``ValueError`` naming its annotation file, image folder and ``filter_cfg``, instead of a
+  loop that trains on nothing or a sampler that divides by zero. ``MMDataModule`` calls it on
+  every dataset it builds.
+* :class:`CheckedCocoDataset` (``type='acmix_mm.CheckedCocoDataset'``), mmdet's ``CocoDataset``
+  with the same arguments and the same output, plus:
+
+  - the annotation file is read with errors that name it: not JSON (a truncated download), JSON
+    that is not COCO (no ``images`` list, an image without ``id``/``file_name``/``width``/
+    ``height``), no images at all;
+  - every listed image must exist and start like an image file (JPEG, PNG, BMP, GIF, TIFF, WebP
+    signatures; 16 bytes read per file), so a missing or garbage file fails at start-up naming
+    its path rather than in a dataloader worker hours later (``check_images=False`` skips this);
+  - annotations that mmdet skips (zero-area or out-of-image boxes, boxes under 1 px, unknown
+    category ids, ``ignore`` flags) are still skipped, as mmdet does, but counted; annotations
+    that would crash mmdet's parser (a ``bbox`` that is not 4 numbers, no ``area`` or
+    ``category_id``, an ``image_id`` that no image has) are skipped and counted too. One log line
+    per dataset: ``CheckedCocoDataset 'annotations/instances_train.json': skipped 5 of 812
+    annotations: 2 zero-area, 1 outside image, 2 unknown category id``. The counts are kept in
+    ``dataset.skipped_annotations``;
+  - a training set that ``filter_cfg`` empties raises, naming the filter and the skip counts.
+
+Images whose header is fine but whose data is corrupt still fail where mmcv decodes them:
+``LoadImageFromFile`` raises ``AssertionError: failed to load image: PATH``.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import numbers
+import os
+import os.path as osp
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+from mmengine.logging import print_log
+
+from ..registry import DATASETS
+
+__all__ = ['CheckedCocoDataset', 'validate_dataset', 'load_coco_json', 'check_image_files',
+           'IMAGE_SIGNATURES', 'SKIP_REASONS']
+
+# Leading bytes of the image formats that mmcv's cv2/PIL decoders read.
+IMAGE_SIGNATURES: dict[str, tuple[bytes, ...]] = {
+    'JPEG': (b'\xff\xd8\xff',),
+    'PNG': (b'\x89PNG\r\n\x1a\n',),
+    'BMP': (b'BM',),
+    'GIF': (b'GIF87a', b'GIF89a'),
+    'TIFF': (b'II*\x00', b'MM\x00*'),
+    'WebP': (b'RIFF',),  # + 'WEBP' at offset 8, checked below
+}
+
+# Why an annotation was skipped, in the order they are tested (the first that applies counts).
+SKIP_REASONS: dict[str, str] = {
+    'no_image': 'image id not in images',
+    'malformed': 'malformed (bbox not 4 numbers, or no area/category_id)',
+    'ignore': 'marked ignore',
+    'non_positive_size': 'zero or negative width/height',
+    'outside_image': 'outside image',
+    'zero_area': 'zero-area',
+    'under_1px': 'narrower or shorter than 1 px',
+    'unknown_category': 'unknown category id',
+    'not_in_classes': "category not in the config's classes",
+}
+
+# How many paths an error message lists before it summarises the rest.
+_MAX_LISTED = 3
+
+
+def _listed(items: Sequence[Any]) -> str:
+    shown = ', '.join(repr(i) for i in items[:_MAX_LISTED])
+    return shown + (f' and {len(items) - _MAX_LISTED} more' if len(items) > _MAX_LISTED else '')
+
+
+# ----------------------------------------------------------------------------- annotation file
+def load_coco_json(path: str) -> dict:
+    """Read a COCO annotation file, with errors naming the file and what is wrong.
+
+    Returns:
+        The parsed dict, with ``annotations`` and ``categories`` defaulting to empty lists
+        (a test set may have neither).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not JSON (truncated, empty, not UTF-8), not a JSON object, no ``images``
+            list, an image entry without ``id``/``file_name``/``width``/``height``, or
+            ``annotations``/``categories`` that are not lists.
+    """
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'annotation file {path!r} does not exist')
+    size = osp.getsize(path)
+    try:
+        with open(path, 'rb') as f:
+            data = json.loads(f.read())
+    except json.JSONDecodeError as err:
+        truncated = ' (the file ends early: truncated or still downloading?)' if err.pos >= size - 1 else ''
+        raise ValueError(f'annotation file {path!r} is not valid JSON: {err.msg} at line {err.lineno} '
+                         f'column {err.colno} (byte {err.pos} of {size}){truncated}; '
+                         'a COCO annotation file is one JSON object') from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f'annotation file {path!r} is not UTF-8 JSON ({err.reason} at byte {err.start}); '
+                         'a COCO annotation file is one JSON object') from None
+    if not isinstance(data, dict):
+        raise ValueError(f'annotation file {path!r} holds a JSON {type(data).__name__}, not a COCO '
+                         'object with "images", "annotations" and "categories"')
+    if 'images' not in data:
+        raise ValueError(f'annotation file {path!r} is not in COCO format: it has no "images" list '
+                         f'(top-level keys: {sorted(data)}); expected "images", "annotations", '
+                         '"categories"')
+    for key in ('images', 'annotations', 'categories'):
+        data.setdefault(key, [])
+        if not isinstance(data[key], list):
+            raise ValueError(f'annotation file {path!r}: "{key}" must be a list, got a '
+                             f'{type(data[key]).__name__}')
+    for i, image in enumerate(data['images']):
+        missing = [k for k in ('id', 'file_name', 'width', 'height')
+                   if not isinstance(image, dict) or k not in image]
+        if missing:
+            raise ValueError(f'annotation file {path!r}: images[{i}] has no {", ".join(missing)} '
+                             f'(got {image!r:.200}); every COCO image needs id, file_name, width, height')
+    return data
+
+
+def classify_annotation(ann: Mapping[str, Any], width: float, height: float,
+                        file_cat_ids: Iterable[int], class_cat_ids: Iterable[int]) -> Optional[str]:
+    """Why mmdet's ``CocoDataset.parse_data_info`` would skip ``ann`` (a ``SKIP_REASONS`` key), or None.
+
+    Args:
+        ann: one COCO annotation (``bbox`` = [x, y, w, h] in pixels).
+        width, height: its image's size in pixels.
+        file_cat_ids: category ids the annotation file defines.
+        class_cat_ids: category ids of the config's ``classes`` (what mmdet keeps).
+    """
+    bbox = ann.get('bbox')
+    if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
+            or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in bbox)
+            or not isinstance(ann.get('area'), numbers.Real) or 'category_id' not in ann):
+        return 'malformed'
+    if ann.get('ignore', False):
+        return 'ignore'
+    x, y, w, h = bbox
+    if w <= 0 or h <= 0:
+        return 'non_positive_size'
+    inter_w = max(0, min(x + w, width) - max(x, 0))
+    inter_h = max(0, min(y + h, height) - max(y, 0))
+    if inter_w * inter_h == 0:
+        return 'outside_image'
+    if ann['area'] <= 0:
+        return 'zero_area'
+    if w < 1 or h < 1:
+        return 'under_1px'
+    if ann['category_id'] not in file_cat_ids:
+        return 'unknown_category'
+    if ann['category_id'] not in class_cat_ids:
+        return 'not_in_classes'
+    return None
+
+
+def skipped_summary(skipped: Mapping[str, int], total: int) -> str:
+    """``'skipped N of M annotations: x zero-area, y outside image, ...'`` (reasons in SKIP_REASONS order)."""
+    count = sum(skipped.values())
+    parts = [f'{skipped[k]} {text}' for k, text in SKIP_REASONS.items() if skipped.get(k)]
+    return f'skipped {count} of {total} annotations' + (f': {", ".join(parts)}' if parts else '')
+
+
+# ----------------------------------------------------------------------------- image files
+def _signature_ok(head: bytes) -> bool:
+    for name, signatures in IMAGE_SIGNATURES.items():
+        if any(head.startswith(s) for s in signatures):
+            return name != 'WebP' or head[8:12] == b'WEBP'
+    return False
+
+
+def check_image_files(paths: Sequence[str], where: str) -> None:
+    """Raise if an image file is missing or does not start like an image (16 bytes read per file).
+
+    Args:
+        paths: local image paths.
+        where: what lists them, for the message (e.g. the annotation file).
+
+    Raises:
+        FileNotFoundError: some files do not exist (all listed up to a few, with the count).
+        ValueError: some files are not JPEG/PNG/BMP/GIF/TIFF/WebP (e.g. garbage or HTML).
+    """
+    missing, garbage = [], []
+    for path in paths:
+        try:
+            with open(path, 'rb') as f:
+                head = f.read(16)
+        except FileNotFoundError:
+            missing.append(path)
+            continue
+        except IsADirectoryError:
+            garbage.append(path)
+            continue
+        if not _signature_ok(head):
+            garbage.append(path)
+    if missing:
+        folders = sorted({osp.dirname(p) for p in missing})
+        raise FileNotFoundError(f'{len(missing)} of {len(paths)} images listed in {where} do not exist: '
+                                f'{_listed(missing)} (image folder(s): {_listed(folders)})')
+    if garbage:
+        raise ValueError(f'{len(garbage)} of {len(paths)} images listed in {where} are not image files: '
+                         f'{_listed(garbage)}; allowed formats: {", ".join(IMAGE_SIGNATURES)}')
+
+
+# ----------------------------------------------------------------------------- any dataset
+def describe_dataset(dataset: Any) -> str:
+    """``TypeName(ann_file=..., data_root=..., data_prefix=..., filter_cfg=...)`` for messages."""
+    fields = []
+    for key in ('ann_file', 'data_root', 'data_prefix', 'filter_cfg'):
+        value = getattr(dataset, key, None)
+        if value:
+            fields.append(f'{key}={value!r}')
+    inner = getattr(dataset, 'dataset', None) or getattr(dataset, 'datasets', None)
+    if not fields and inner is not None:
+        inners = inner if isinstance(inner, (list, tuple)) else [inner]
+        fields.append('of ' + ', '.join(describe_dataset(d) for d in inners))
+    return f'{type(dataset).__name__}({", ".join(fields)})'
+
+
+def validate_dataset(dataset: Any, where: str) -> None:
+    """Raise ``ValueError`` if a built dataset is empty, naming its files and filter.
+
+    Args:
+        dataset: a built dataset (mmengine ``BaseDataset`` or any ``torch`` dataset with ``len``).
+        where: the config key it came from, e.g. ``'train_dataloader.dataset'``.
+    """
+    try:
+        size = len(dataset)
+    except TypeError:
+        return  # an iterable-style dataset: its length is unknown before iterating
+    if size == 0:
+        raise ValueError(f'{where} is empty: {describe_dataset(dataset)} has no samples. Check that the '
+                         'annotation file lists images, that the image folder holds them and that '
+                         'filter_cfg (e.g. filter_empty_gt) does not remove them all')
+
+
+# ----------------------------------------------------------------------------- COCO dataset
+try:  # mmdet is optional: an mmseg-only install has no COCO dataset to check
+    from mmdet.datasets import CocoDataset as _CocoDataset
+    from mmdet.datasets.api_wrappers import COCO as _COCO
+except ImportError:  # pragma: no cover - exercised only without mmdet
+    _CocoDataset = _COCO = None
+
+if _CocoDataset is not None:
+
+    class CheckedCOCO(_COCO):
+        """mmdet's COCO API over a file read by :func:`load_coco_json`, minus annotations it cannot index.
+
+        Annotations without ``id`` or ``category_id`` (pycocotools' index would raise a bare
+        ``KeyError``) count as ``'malformed'``; those whose ``image_id`` is missing or names no
+        image (mmdet would never read them) count as ``'no_image'``. Both are left out.
+
+        Attributes:
+            skipped: ``{reason: count}`` of the annotations left out.
+            num_annotations: annotations in the file.
+        """
+
+        def __init__(self, annotation_file: str) -> None:
+            super().__init__(annotation_file=None)
+            data = load_coco_json(annotation_file)
+            image_ids = {image['id'] for image in data['images']}
+            self.skipped: collections.Counter = collections.Counter()
+            kept = []
+            for ann in data['annotations']:
+                if not isinstance(ann, dict) or 'id' not in ann or 'category_id' not in ann:
+                    self.skipped['malformed'] += 1
+                elif ann.get('image_id') not in image_ids:
+                    self.skipped['no_image'] += 1
+                else:
+                    kept.append(ann)
+            self.num_annotations = len(data['annotations'])
+            data['annotations'] = kept
+            self.dataset = data
+            self.createIndex()
+            self.img_ann_map = self.imgToAnns
+            self.cat_img_map = self.catToImgs
+
+    @DATASETS.register_module()
+    class CheckedCocoDataset(_CocoDataset):
+        """mmdet's ``CocoDataset`` with checked files and counted skipped annotations (module docstring).
+
+        Args:
+            check_images: check that every listed image exists and starts like an image file
+                (local files only; 16 bytes read per image).
+            **kwargs: ``CocoDataset``'s arguments.
+
+        Attributes:
+            skipped_annotations: ``{reason: count}`` over ``SKIP_REASONS``, after loading.
+            num_annotations: annotations in the file.
+        """
+
+        COCOAPI = CheckedCOCO
+
+        def __init__(self, *args: Any, check_images: bool = True, **kwargs: Any) -> None:
+            if not isinstance(check_images, bool):
+                raise TypeError(f'check_images must be True or False, got {check_images!r}')
+            self.check_images = check_images
+            self.skipped_annotations: collections.Counter = collections.Counter()
+            self.num_annotations = 0
+            super().__init__(*args, **kwargs)
+
+        def load_data_list(self) -> list:
+            self.skipped_annotations = collections.Counter()
+            self._file_read = False
+            data_list = super().load_data_list()
+            if not data_list:
+                raise ValueError(f'annotation file {self.ann_file!r} lists no images ("images" is empty); '
+                                 'a dataset needs at least one image')
+            if self.check_images and self.backend_args is None:
+                check_image_files([info['img_path'] for info in data_list],
+                                  f'annotation file {self.ann_file!r}')
+            summary = skipped_summary(self.skipped_annotations, self.num_annotations)
+            print_log(f'{type(self).__name__} {self.ann_file!r}: {summary}', logger='current',
+                      level=logging.WARNING if self.skipped_annotations else logging.INFO)
+            return data_list
+
+        def _read_file_numbers(self) -> None:
+            """Per-file numbers, taken from the COCO API while it exists (mmdet deletes it)."""
+            coco = self.coco
+            self._file_cat_ids = set(coco.cats)
+            self.num_annotations = coco.num_annotations
+            self.skipped_annotations.update(coco.skipped)
+            classes = tuple(self.metainfo['classes'])
+            names = {cat.get('name') for cat in coco.cats.values()}
+            missing = [c for c in classes if c not in names]
+            if coco.cats and missing:
+                # mmdet would silently drop these classes and shift the labels of the others.
+                raise ValueError(f'classes {missing} of the config are not categories of {self.ann_file!r}; '
+                                 f'its category names are {sorted(n for n in names if n is not None)}')
+            self._file_read = True
+
+        def parse_data_info(self, raw_data_info: dict) -> dict:
+            if not self._file_read:
+                self._read_file_numbers()
+            img_info = raw_data_info['raw_img_info']
+            kept = []
+            for ann in raw_data_info['raw_ann_info']:
+                reason = classify_annotation(ann, img_info['width'], img_info['height'],
+                                             self._file_cat_ids, self.cat_ids)
+                if reason is not None:
+                    self.skipped_annotations[reason] += 1
+                if reason != 'malformed':  # mmdet's parser would crash on these; it skips the rest itself
+                    kept.append(ann)
+            return super().parse_data_info(dict(raw_data_info, raw_ann_info=kept))
+
+        def filter_data(self) -> list:
+            data_list = super().filter_data()
+            if self.data_list and not data_list:
+                summary = skipped_summary(self.skipped_annotations, self.num_annotations)
+                raise ValueError(f'filter_cfg={self.filter_cfg!r} removed all {len(self.data_list)} '
+                                 f'images of {self.ann_file!r}: none has a usable annotation of the '
+                                 f'classes {tuple(self.metainfo["classes"])} ({summary})')
+            return data_list
