@@ -54,6 +54,55 @@ def test_acmix_count_matches_independent_count(c_in, c, h, w, head, stride):
     assert report.params == sum(p.numel() for p in layer.parameters())
 
 
+def analytical_acmix_macs(c_in: int, c: int, h: int, w: int, stride: int, head: int = 4,
+                          kernel_att: int = 7, kernel_conv: int = 3) -> dict:
+    """ACMix's multiply-accumulates written out by hand, per image, in the authors' convention:
+    every module of their code counted as they run it (fc then dep_conv as two convs).
+
+    Returns the total under two conventions for the shift branch:
+    ``authors``: fc (1x1, 3*head -> k*k maps, on each of the d rows of the N input positions)
+    then dep_conv (grouped k x k, k*k inputs per group, at the M output positions);
+    ``as_run``: acmix_mm's single grouped conv with their product kernel (3*head inputs per
+    group, k x k taps, at the M outputs), plus our attention's 2 extra positional dims.
+    """
+    d = c // head
+    n = h * w                                           # input positions
+    m = -(-h // stride) * -(-w // stride)              # output positions (ceil division)
+    window = kernel_att * kernel_att                    # 49 keys per query
+    taps = kernel_conv * kernel_conv                    # 9
+    qkv = 3 * c_in * c * n                              # conv1, conv2, conv3 (1x1)
+    positional = 2 * d * n                              # conv_p: 2 coordinates -> d, once
+    logits = m * head * window * d                      # q . (k + pe_i - pe_j): d MACs per key
+    softmax = m * head * window                         # one op per logit
+    weighted_sum = m * head * window * d                # sum_j a_ij v_j
+    fc = n * d * (3 * head) * taps                      # 1x1 over the 3*head stack
+    dep_conv = m * c * taps * taps                      # k*k inputs per group, k*k taps
+    fused = m * c * (3 * head) * taps                   # one grouped conv, product kernel
+    extra_pos = m * head * window * 2 + m * head * d * 2  # [q, -W_p^T q] . [k, c]: 2 more dims
+    attention = logits + softmax + weighted_sum
+    return dict(authors=qkv + positional + attention + fc + dep_conv,
+                as_run=qkv + attention + fused + extra_pos)
+
+
+@pytest.mark.parametrize('c_in, c, h, w, stride', [
+    (64, 64, 28, 28, 1), (64, 64, 29, 27, 2), (256, 256, 14, 14, 1), (256, 256, 15, 15, 2),
+    (128, 256, 14, 14, 2)])
+def test_acmix_count_matches_analytical_count(c_in, c, h, w, stride):
+    """acmix_mm.models.flops counts an ACMix layer the authors' way (their modules: fc and
+    dep_conv as two convs), within 5% of the hand count; what acmix_mm actually runs (fused
+    shift conv, 2 extra dims per head in the logits) is within 5% too at stride 1, where
+    3*head*k*k = 108 = k*k (fc) + k**4 (dep_conv) MACs per output channel for head 4, k 3, but
+    below it at stride 2, where fc runs at every input position and the fused conv does not."""
+    layer = ACMix(c_in, c, stride=stride).eval()
+    report = count_flops(layer, (torch.randn(1, c_in, h, w),))
+    hand = analytical_acmix_macs(c_in, c, h, w, stride)
+    assert abs(report.flops - hand['authors']) <= 0.05 * hand['authors']
+    if stride == 1:
+        assert abs(hand['as_run'] - hand['authors']) <= 0.05 * hand['authors']
+    else:
+        assert hand['as_run'] < hand['authors']
+
+
 def test_breakdown_terms_for_the_spec_layer():
     # in = out = 64, head 4, 8x8, stride 1: d = 16, N = M = 64, K = 49, k = 9.
     terms = acmix_flops_breakdown(64, 64, 8, 8)
