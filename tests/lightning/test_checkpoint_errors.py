@@ -392,38 +392,54 @@ def _run(*args) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
-@pytest.mark.slow
-def test_cli_rows(det_cfg, det_model, coco_root, tmp_path):
-    """One row per entry point through tools/test.py and tools/train.py in a fresh interpreter."""
-    det_file = tmp_path / 'det.py'
-    det_cfg.dump(str(det_file))
-    marker = tmp_path / 'payload_ran'
+@pytest.fixture(scope='module')
+def cli_files(det_cfg, det_model, coco_root, tmp_path_factory) -> Dict[str, Path]:
+    """Config files and bad checkpoints for the command-line rows."""
+    folder = tmp_path_factory.mktemp('cli')
+    det_cfg.dump(str(folder / 'det.py'))
     good = training_checkpoint(det_model.state_dict())
-    trap = _trap(_System)(tmp_path / 'trap.ckpt', good, marker)
-    cut = _cut(tmp_path / 'cut.pth', _save(tmp_path / 'backbone.pth', _acmix_backbone().state_dict()),
-               lambda n: n // 3)
-    segmentor = _save(tmp_path / 'segmentor.pth', {'state_dict': segmentor_state_dict()})
-    weights_only = _save(tmp_path / 'weights.pth', {'state_dict': det_model.state_dict(),
-                                                    'meta': {'epoch': np.int64(1)}})
-    acmix_file = tmp_path / 'acmix.py'
+    files = {'det.py': folder / 'det.py', 'marker': folder / 'payload_ran',
+             'trap.ckpt': _trap(_System)(folder / 'trap.ckpt', good, folder / 'payload_ran'),
+             'cut.pth': _cut(folder / 'cut.pth', _save(folder / 'backbone.pth', _acmix_backbone().state_dict()),
+                             lambda n: n // 3),
+             'segmentor.pth': _save(folder / 'segmentor.pth', {'state_dict': segmentor_state_dict()}),
+             'weights.pth': _save(folder / 'weights.pth', {'state_dict': det_model.state_dict(),
+                                                           'meta': {'epoch': np.int64(1)}})}
     acmix_cfg = acmix_maskrcnn_config(coco_root)
-    acmix_cfg.model.backbone.init_cfg = dict(type='Pretrained', checkpoint=str(cut))
-    acmix_cfg.dump(str(acmix_file))
+    acmix_cfg.model.backbone.init_cfg = dict(type='Pretrained', checkpoint=str(files['cut.pth']))
+    acmix_cfg.dump(str(folder / 'acmix.py'))
+    files['acmix.py'] = folder / 'acmix.py'
+    return files
+
+
+# entry -> (command line with {file} placeholders, the error's regex with {file} placeholders)
+CLI_ROWS = {
+    'test': (('tools/test.py', '{det.py}', '{trap.ckpt}'),
+             r"CheckpointError: refusing to load checkpoint '{trap.ckpt}': its pickle calls or builds os\.system"),
+    'resume': (('tools/train.py', '{det.py}', '--resume', '{weights.pth}'),
+               r"CheckpointError: --resume: checkpoint '{weights.pth}' is not a training checkpoint of "
+               r'tools/train\.py: it has no optimizer_states, loops, epoch, global_step'),
+    'load_from': (('tools/train.py', '{det.py}', '--cfg-options', 'load_from={segmentor.pth}'),
+                  r"CheckpointError: load_from: checkpoint '{segmentor.pth}' does not fit MaskRCNN"),
+    'pretrained': (('tools/train.py', '{acmix.py}'),
+                   r"CheckpointError: checkpoint '{cut.pth}' is truncated or corrupt: a torch\.save zip archive"),
+}
+
+
+@pytest.mark.parametrize('entry', [
+    'test', 'resume', pytest.param('load_from', marks=pytest.mark.slow),
+    pytest.param('pretrained', marks=pytest.mark.slow)])
+def test_cli_rows(entry, cli_files, tmp_path):
+    """One row per entry point through tools/test.py and tools/train.py in a fresh interpreter
+    (two in the default run; about 7 s of CPU each)."""
+    args, pattern = CLI_ROWS[entry]
+    for name, path in cli_files.items():
+        args = tuple(a.replace('{' + name + '}', str(path)) for a in args)
+        pattern = pattern.replace('{' + name + '}', re.escape(str(path)))
     work = tmp_path / 'work'
-    rows = [
-        (('tools/test.py', det_file, trap, '--work-dir', work),
-         REFUSED.replace('{path}', re.escape(str(trap))).replace('{name}', r'os\.system')),
-        (('tools/train.py', det_file, '--resume', weights_only, '--work-dir', work),
-         re.escape(f"--resume: checkpoint '{weights_only}' is not a training checkpoint of tools/train.py")),
-        (('tools/train.py', det_file, '--work-dir', work, '--cfg-options', f'load_from={segmentor}'),
-         re.escape(f"load_from: checkpoint '{segmentor}' does not fit MaskRCNN")),
-        (('tools/train.py', acmix_file, '--work-dir', work),
-         TRUNCATED.replace('{path}', re.escape(str(cut)))),
-    ]
-    for args, pattern in rows:
-        proc = _run(*args, '--accelerator', 'cpu')
-        assert proc.returncode != 0, args
-        last = proc.stderr.strip().splitlines()[-1]
-        assert 'CheckpointError: ' in last and re.search(pattern, last), (args, proc.stderr[-3000:])
-        assert not work.exists(), args
-    assert not marker.exists()
+    proc = subprocess.run([sys.executable, *args, '--work-dir', str(work), '--accelerator', 'cpu'], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0, args
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.search(pattern, last), (args, proc.stderr[-3000:])
+    assert not work.exists() and not cli_files['marker'].exists()
