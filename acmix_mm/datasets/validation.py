@@ -2,10 +2,10 @@
 
 Two pieces:
 
-* :func:`validate_dataset`, for any built dataset (mmdet, mmseg, a wrapper): an empty dataset
-  raises ``ValueError`` naming its annotation file, image folder and ``filter_cfg``, instead of a
-  loop that trains on nothing or a sampler that divides by zero. ``MMDataModule`` calls it on
-  every dataset it builds.
+* :func:`build_dataset` / :func:`validate_dataset`, for any dataset (mmdet, mmseg, a wrapper): an
+  empty dataset raises ``ValueError`` naming its annotation file, image folder and ``filter_cfg``,
+  instead of numpy's ``need at least one array to concatenate`` from mmengine's ``full_init``,
+  a loop that trains on nothing or a sampler that divides by zero.
 * :class:`CheckedCocoDataset` (``type='acmix_mm.CheckedCocoDataset'``), mmdet's ``CocoDataset``
   with the same arguments and the same output, plus:
 
@@ -22,7 +22,8 @@ Two pieces:
     per dataset: ``CheckedCocoDataset 'annotations/instances_train.json': skipped 5 of 812
     annotations: 2 zero-area, 1 outside image, 2 unknown category id``. The counts are kept in
     ``dataset.skipped_annotations``;
-  - a training set that ``filter_cfg`` empties raises, naming the filter and the skip counts.
+  - a training set without a single usable annotation raises, naming the skip counts and the
+    filter (mmdet's ``filter_empty_gt`` keeps images whose every annotation was skipped).
 
 Images whose header is fine but whose data is corrupt still fail where mmcv decodes them:
 ``LoadImageFromFile`` raises ``AssertionError: failed to load image: PATH``.
@@ -41,7 +42,7 @@ from mmengine.logging import print_log
 
 from ..registry import DATASETS
 
-__all__ = ['CheckedCocoDataset', 'validate_dataset', 'load_coco_json', 'check_image_files',
+__all__ = ['CheckedCocoDataset', 'build_dataset', 'validate_dataset', 'load_coco_json', 'check_image_files',
            'IMAGE_SIGNATURES', 'SKIP_REASONS']
 
 # Leading bytes of the image formats that mmcv's cv2/PIL decoders read.
@@ -223,6 +224,54 @@ def describe_dataset(dataset: Any) -> str:
     return f'{type(dataset).__name__}({", ".join(fields)})'
 
 
+def build_dataset(dataset_cfg: Mapping[str, Any], where: str) -> Any:
+    """Build and fully initialise a dataset config; an empty dataset raises naming its files.
+
+    mmengine's ``BaseDataset.full_init`` fails on an empty data list with numpy's bare
+    ``ValueError: need at least one array to concatenate`` (serialising nothing). The dataset is
+    therefore built with ``lazy_init=True`` where its class takes it, initialised here, and an
+    empty data list is reported by :func:`validate_dataset`'s message instead.
+
+    Args:
+        dataset_cfg: a dataset config (built through mmengine's ``DATASETS`` in the current scope).
+        where: the config key it came from, e.g. ``'train_dataloader.dataset'``.
+    """
+    import copy
+    import inspect
+
+    from mmengine.config import ConfigDict
+    from mmengine.dataset import BaseDataset
+    from mmengine.registry import DATASETS as ROOT_DATASETS
+
+    cfg = ConfigDict(copy.deepcopy(dict(dataset_cfg)))
+    cls = cfg.get('type')
+    if isinstance(cls, str):
+        # Resolve as build() will: in the default scope's registry (e.g. mmdet's), then by prefix.
+        with ROOT_DATASETS.switch_scope_and_registry(cfg.get('_scope_')) as registry:
+            cls = registry.get(cls)
+    # mmengine's BaseDataset and dataset wrappers take lazy_init (subclasses often via **kwargs).
+    lazy = inspect.isclass(cls) and 'lazy_init' not in cfg and (
+        issubclass(cls, BaseDataset) or 'lazy_init' in inspect.signature(cls.__init__).parameters)
+    if lazy:
+        cfg['lazy_init'] = True
+    dataset = ROOT_DATASETS.build(cfg)
+    if lazy and hasattr(dataset, 'full_init'):
+        try:
+            dataset.full_init()
+        except ValueError:
+            if getattr(dataset, 'data_list', None) == []:
+                raise ValueError(_empty_message(dataset, where)) from None
+            raise
+    validate_dataset(dataset, where)
+    return dataset
+
+
+def _empty_message(dataset: Any, where: str) -> str:
+    return (f'{where} is empty: {describe_dataset(dataset)} has no samples. Check that the '
+            'annotation file lists images, that the image folder holds them and that '
+            'filter_cfg (e.g. filter_empty_gt) does not remove them all')
+
+
 def validate_dataset(dataset: Any, where: str) -> None:
     """Raise ``ValueError`` if a built dataset is empty, naming its files and filter.
 
@@ -235,9 +284,7 @@ def validate_dataset(dataset: Any, where: str) -> None:
     except TypeError:
         return  # an iterable-style dataset: its length is unknown before iterating
     if size == 0:
-        raise ValueError(f'{where} is empty: {describe_dataset(dataset)} has no samples. Check that the '
-                         'annotation file lists images, that the image folder holds them and that '
-                         'filter_cfg (e.g. filter_empty_gt) does not remove them all')
+        raise ValueError(_empty_message(dataset, where))
 
 
 # ----------------------------------------------------------------------------- COCO dataset
@@ -351,9 +398,13 @@ if _CocoDataset is not None:
 
         def filter_data(self) -> list:
             data_list = super().filter_data()
-            if self.data_list and not data_list:
+            if self.test_mode:
+                return data_list
+            # mmdet's filter_empty_gt looks at the file's raw category ids, so it keeps images whose
+            # every annotation was skipped: a training set can be all background without it.
+            if not any(info['instances'] for info in data_list):
                 summary = skipped_summary(self.skipped_annotations, self.num_annotations)
-                raise ValueError(f'filter_cfg={self.filter_cfg!r} removed all {len(self.data_list)} '
-                                 f'images of {self.ann_file!r}: none has a usable annotation of the '
-                                 f'classes {tuple(self.metainfo["classes"])} ({summary})')
+                raise ValueError(f'no usable annotation of the classes {tuple(self.metainfo["classes"])} in '
+                                 f'{self.ann_file!r} to train on ({summary}; filter_cfg={self.filter_cfg!r} '
+                                 f'kept {len(data_list)} of {len(self.data_list)} images)')
             return data_list
