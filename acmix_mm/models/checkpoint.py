@@ -16,6 +16,11 @@ stand-ins so that the files people actually have can be read:
   and a dtype; they call nothing the file names (an object array's items go through the same
   restricted unpickler).
 
+* mmengine's ``HistoryBuffer`` (the ``message_hub`` of every mmengine Runner checkpoint) becomes
+  an :class:`InertObject`, read back as ``{'__class__': name, **attributes}``; the
+  ``builtins.getattr`` its pickled statistics methods use is a stand-in that returns a
+  placeholder string for such objects and refuses any other (:func:`_inert_getattr`).
+
 Anything else a pickle names (``os.system``, ``builtins.eval``, ``subprocess.Popen``, any class)
 makes :func:`safe_load` raise :class:`CheckpointError` naming the file and the global; torch's
 unpickler refuses it before calling it, so nothing of the file runs. Empty, truncated, corrupt
@@ -100,6 +105,47 @@ def _cfgnode_stand_in():
     return CfgNodeStandIn
 
 
+class InertObject:
+    """What a known data-only class of mmengine becomes when read: its name and its attributes.
+
+    mmengine's Runner writes its ``message_hub`` (``HistoryBuffer`` objects holding numpy arrays
+    of logged losses) into every checkpoint. torch's unpickler creates the object with
+    ``cls.__new__(cls)`` (NEWOBJ) and sets its pickled ``__dict__`` (BUILD); with this class
+    standing in for the original, none of mmengine's code runs. :func:`_plain` then turns it into
+    ``{'__class__': name, **attributes}``.
+    """
+
+    pickled_name = ''
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> 'InertObject':
+        return object.__new__(cls)
+
+
+def _inert_stand_in(name: str) -> type:
+    return type('InertObject', (InertObject,), {'pickled_name': name})
+
+
+# Data-only classes whose pickles appear in ordinary checkpoints (mmengine Runner files).
+INERT_CLASSES = ('mmengine.logging.history_buffer.HistoryBuffer',)
+
+
+def _inert_getattr(obj: Any, name: Any) -> str:
+    """Stands in for ``builtins.getattr``, which pickles of bound methods call.
+
+    A ``HistoryBuffer`` pickles its statistics methods (``{'min': HistoryBuffer.min, ...}``) as
+    ``getattr(HistoryBuffer, 'min')``. On an :class:`InertObject` stand-in (class or instance)
+    this returns a placeholder string
+    (no attribute is looked up, nothing is bound or called); on anything else it refuses, so the
+    name cannot reach attributes of real objects.
+    """
+    inert = isinstance(obj, InertObject) or (isinstance(obj, type) and issubclass(obj, InertObject))
+    if inert and isinstance(name, str):
+        return f'<{obj.pickled_name}.{name}>'
+    raise pickle.UnpicklingError(
+        f'GLOBAL builtins.getattr refused: it reads attributes of {", ".join(INERT_CLASSES)} objects '
+        f'only, not of a {type(obj).__name__}')
+
+
 def _numpy_safe_globals() -> List[Any]:
     """numpy's data constructors, under the names numpy 1.x and 2.x pickle them with."""
     entries: List[Any] = []
@@ -117,13 +163,20 @@ def _numpy_safe_globals() -> List[Any]:
 
 
 def _plain(obj: Any) -> Any:
-    """Stand-ins of yacs nodes -> plain dicts, recursively; everything else as is.
+    """Stand-ins of yacs nodes and inert objects -> plain dicts, recursively; the rest as is.
 
-    A stand-in is an OrderedDict that received yacs' ``__immutable__`` flag as an attribute;
-    other OrderedDicts (state_dicts, with their ``_metadata``) are kept as they are.
+    A yacs stand-in is an OrderedDict that received yacs' ``__immutable__`` flag as an attribute;
+    other OrderedDicts (state_dicts, mmengine's message_hub) stay OrderedDicts, attributes such
+    as a state_dict's ``_metadata`` included.
     """
+    if isinstance(obj, InertObject):
+        return {'__class__': obj.pickled_name, **{k: _plain(v) for k, v in vars(obj).items()}}
     if type(obj) is collections.OrderedDict and '__immutable__' in obj.__dict__:
         return {k: _plain(v) for k, v in obj.items()}
+    if type(obj) is collections.OrderedDict:  # e.g. mmengine's message_hub; state_dicts keep _metadata
+        out = collections.OrderedDict((k, _plain(v)) for k, v in obj.items())
+        out.__dict__.update(obj.__dict__)
+        return out
     if type(obj) is dict:
         return {k: _plain(v) for k, v in obj.items()}
     if type(obj) in (list, tuple):
@@ -255,7 +308,9 @@ def _check_zip_records(path: str) -> None:
 
 def _allowed_globals() -> List[Tuple[Any, str]]:
     """The (object, pickled name) pairs safe_load adds to torch's weights_only allowlist."""
-    return [(_cfgnode_stand_in(), 'yacs.config.CfgNode')] + _numpy_safe_globals()
+    return ([(_cfgnode_stand_in(), 'yacs.config.CfgNode')] + _numpy_safe_globals()
+            + [(_inert_stand_in(name), name) for name in INERT_CLASSES]
+            + [(_inert_getattr, 'builtins.getattr')])
 
 
 ALLOWED_EXTRA_GLOBALS: Tuple[str, ...] = tuple(name for _, name in _allowed_globals())
@@ -327,10 +382,14 @@ def safe_load(path: str | os.PathLike) -> Any:
         # plain pickle.dump) that names one: either way the message names the globals.
         names = _refusable(_file_globals(path))
         match = _GLOBAL_IN_MESSAGE.search(message)
+        detail = ''
         if match and not names:
+            # An allowed name used outside what its stand-in accepts (see _inert_getattr).
             names = [match.group(1)]
+            refused = re.search(r'GLOBAL [\w.]+ refused: ([^\n]*)', message)
+            detail = f' ({refused.group(1)})' if refused else ''
         if names:
-            raise _refuse(path, names) from None
+            raise _refuse(path, names, detail) from None
         if isinstance(err, zipfile.BadZipFile) or (is_zip_start and 'data.pkl' in message):
             raise CheckpointError(f'checkpoint {path!r} is a zip archive but not a torch.save '
                                   f'checkpoint: {err}') from None

@@ -293,3 +293,57 @@ def test_convert_tool_failure_leaves_dst_alone(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ['dst.pth', 'trap.pth']
     with pytest.raises(FileNotFoundError, match='missing.pth'):
         convert(str(tmp_path / 'missing.pth'), str(dst))
+
+
+# --------------------------------------------------------------------------- mmengine Runner files
+def test_mmengine_runner_checkpoint_loads_as_plain_data(tmp_path):
+    """A checkpoint written by mmengine's own Runner (what mmdet/mmseg tools/train.py write) holds
+    HistoryBuffer objects in its message_hub and numpy scalars; it reads as plain data."""
+    from mmengine.model import BaseModel
+    from mmengine.runner import Runner
+
+    class Toy(BaseModel):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(2, 1)
+
+        def forward(self, inputs, data_samples=None, mode='tensor'):
+            out = self.fc(torch.stack(inputs) if isinstance(inputs, list) else inputs)
+            return {'loss': out.pow(2).mean()} if mode == 'loss' else out
+
+    torch.manual_seed(0)
+    runner = Runner(model=Toy(), work_dir=str(tmp_path / 'work'), default_scope='mmengine',
+                    train_dataloader=dict(dataset=[dict(inputs=torch.randn(2)) for _ in range(4)],
+                                          sampler=dict(type='DefaultSampler', shuffle=False), batch_size=2,
+                                          collate_fn=dict(type='default_collate')),
+                    optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)),
+                    train_cfg=dict(by_epoch=True, max_epochs=1),
+                    default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=1)))
+    runner.train()
+    path = tmp_path / 'work' / 'epoch_1.pth'
+    with pytest.raises(pickle.UnpicklingError, match='HistoryBuffer'):  # torch alone refuses it
+        torch.load(path, weights_only=True)
+    obj = safe_load(path)
+    assert obj['meta']['epoch'] == 1 and obj['meta']['iter'] == 2
+    loss = obj['message_hub']['log_scalars']['train/loss']
+    assert loss['__class__'] == 'mmengine.logging.history_buffer.HistoryBuffer'
+    assert loss['_log_history'].shape == (2,) and loss['_count_history'].tolist() == [1, 1]
+    assert loss['statistics_methods']['mean'] == '<mmengine.logging.history_buffer.HistoryBuffer.mean>'
+    for key, value in runner.model.state_dict().items():
+        assert torch.equal(obj['state_dict'][key], value), key
+
+
+class _GetattrOnTensor:
+    """Pickles as getattr(torch.Tensor, '__setattr__'): an allowed class, an attribute lookup."""
+
+    def __reduce__(self):
+        return getattr, (torch.Tensor, '__setattr__')
+
+
+def test_getattr_is_allowed_on_inert_objects_only(tmp_path):
+    path = tmp_path / 'getattr.pth'
+    torch.save({'state_dict': {'w': torch.ones(1)}, 'x': _GetattrOnTensor()}, path)
+    with pytest.raises(CheckpointError, match=r'builtins\.getattr.*reads attributes of '
+                                              r'mmengine\.logging\.history_buffer\.HistoryBuffer objects only, '
+                                              r'not of a _TensorMeta'):
+        safe_load(path)
