@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from mmengine.config import Config
 from mmengine.model import BaseDataPreprocessor, BaseModel, revert_sync_batchnorm
 from mmengine.registry import init_default_scope
@@ -255,7 +255,18 @@ class MMLightningModule(LightningModule):
         elif gradient_clip_val is not None:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def configure_callbacks(self):
+        # Lightning runs callbacks' on_train_batch_end before the module's own, and the
+        # ModelCheckpoint callback last of them: a step-interval checkpoint would otherwise be
+        # written before this batch's schedule step, and a resume would lag the schedule by one.
+        return [_AfterTrainIter()]
+
+    def after_train_iter(self, batch_idx: int) -> None:
+        """mmengine's ``after_train_iter``: step the schedules, stop after ``max_iters`` batches.
+
+        Called by :class:`_AfterTrainIter` after every training batch, before any checkpoint of
+        that batch is written.
+        """
         if self.stepper is None:
             return
         self.stepper.after_train_iter()
@@ -355,6 +366,13 @@ class MMLightningModule(LightningModule):
         self._pending_scheduler_states = checkpoint.get(SCHEDULER_STATE_KEY)
         self._pending_rng_states = checkpoint.get(RNG_STATE_KEY)
         self._pending_loader_state = checkpoint.get(LOADER_STATE_KEY)
+
+
+class _AfterTrainIter(Callback):
+    """Runs :meth:`MMLightningModule.after_train_iter` (see ``configure_callbacks``)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        pl_module.after_train_iter(batch_idx)
 
 
 def _batch_size(data: Any) -> int:
