@@ -15,7 +15,9 @@ from acmix_mm.lightning import TrainerOverrides, load_config, test  # noqa: E402
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('config', help='mmengine config file')
-    parser.add_argument('checkpoint', help='checkpoint (tools/train.py, or an mmengine/mmdet/mmseg one)')
+    parser.add_argument('checkpoint', help='checkpoint (tools/train.py, or an mmengine/mmdet/mmseg one); read '
+                                           'safely: nothing in the file runs, and a truncated, corrupt, unsafe or '
+                                           'foreign file fails before anything is built, naming the file')
     parser.add_argument('--out', help='predictions: COCO results JSON prefix (OUT.bbox.json, OUT.segm.json) '
                                       'for CocoMetric; a folder of label PNGs for IoUMetric')
     parser.add_argument('--show-dir', help='draw predictions on the images into this folder')

@@ -374,6 +374,31 @@ def test_good_training_checkpoint_passes_the_resume_checks(det_cfg, det_model, t
     start.apply(MMLightningModule(det_cfg, init_weights=False).model)  # fits: no error
 
 
+def test_load_from_starts_training_from_the_file(det_cfg, tmp_path):
+    """load_from through train(): the file's weights (an mmengine-style file with numpy meta)
+    replace the initialised ones before the first step. With lr=0 they are still there after it."""
+    cfg = copy.deepcopy(det_cfg)
+    for key in ('val_dataloader', 'val_evaluator', 'val_cfg'):
+        cfg.pop(key)
+    cfg.optim_wrapper = dict(type='OptimWrapper', optimizer=dict(type='SGD', lr=0.0, momentum=0.0))
+    cfg.param_scheduler = []
+    torch.manual_seed(123)
+    source = MMLightningModule(cfg).model.state_dict()
+    cfg.load_from = str(_save(tmp_path / 'pretrained.pth', {'state_dict': source,
+                                                             'meta': {'epoch': np.int64(12)}}))
+    module = run_train(cfg, work_dir=str(tmp_path / 'work'), accelerator='cpu', logger=False,
+                       enable_checkpointing=False)
+    assert module.trainer.global_step == 1
+    torch.manual_seed(cfg.randomness.seed)
+    initialised = MMLightningModule(cfg).model.state_dict()  # what training would start from otherwise
+    trained = module.model.state_dict()
+    compared = [k for k in source if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked'))]
+    assert len(compared) > 100
+    for key in compared:
+        assert torch.equal(trained[key], source[key]), key
+    assert not torch.equal(initialised['backbone.conv1.weight'], source['backbone.conv1.weight'])
+
+
 def test_missing_files_and_bad_load_from_values(det_cfg, tmp_path):
     nowhere = tmp_path / 'nowhere.ckpt'
     for entry in ENTRY_POINTS:
