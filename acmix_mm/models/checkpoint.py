@@ -335,7 +335,8 @@ def safe_load(path: str | os.PathLike) -> Any:
         path: a file written by ``torch.save`` (zip or legacy format).
 
     Returns:
-        The file's object on CPU, with yacs ``CfgNode`` objects turned into plain dicts.
+        The file's object on CPU, with yacs ``CfgNode`` objects and mmengine ``HistoryBuffer``
+        objects turned into plain dicts (see the module docstring).
 
     Raises:
         FileNotFoundError: ``path`` does not exist or is not a file.
