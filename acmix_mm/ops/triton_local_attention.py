@@ -351,16 +351,25 @@ def _as_5d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, lead[-1], *x.shape[-3:])  # copies only if the leading dims can't merge
 
 
-def _block_sizes(d: int, dv: int) -> Tuple[int, int, int]:
-    """(BLOCK_D, BLOCK_DV, BLOCK_P): channel tiles padded to powers of two; the pixel tile
-    shrinks with the channel count to keep the register tiles (BLOCK_D + BLOCK_DV) x BLOCK_P
-    at about 8K values per program."""
+def _launch_config(d: int, dv: int, dtype: torch.dtype) -> Tuple[int, int, int, int]:
+    """(BLOCK_D, BLOCK_DV, BLOCK_P, num_warps) for D / Dv channels.
+
+    Channel tiles are D and Dv padded to powers of two. The pixel tile is sized so that each
+    (channels x pixels) tile holds about 16 values per thread: compiled for sm_90, the
+    kernels then need 128-250 registers and spill nothing for head_dim 16 to 256 (checked
+    with cuobjdump; a larger tile spills in the backward kernels). float64 takes two
+    registers a value, hence half the pixels.
+    """
     block_d = max(triton.next_power_of_2(d), 2)
     block_dv = max(triton.next_power_of_2(dv), 2)
-    block_p = max(16, min(128, triton.next_power_of_2(8192 // (block_d + block_dv))))
-    if _INTERPRET:  # numpy per program: fewer, larger programs run faster; shapes are tiny
+    widest = max(block_d, block_dv)
+    num_warps = 4 if widest <= 32 else 8
+    block_p = max(16, min(128, 512 * num_warps // widest))
+    if dtype == torch.float64:
+        block_p = max(16, block_p // 2)
+    if _INTERPRET:  # numpy runs each program in turn: fewer, larger programs are faster
         block_p = 64
-    return block_d, block_dv, block_p
+    return block_d, block_dv, block_p, num_warps
 
 
 def _strides(x5: torch.Tensor) -> Tuple[int, ...]:
@@ -387,15 +396,16 @@ class _TritonLocalAttention(torch.autograd.Function):
         n_lead, nq = l0 * l1, h_out * w_out
         out = torch.empty(n_lead, dv, nq, dtype=q.dtype, device=q.device)
         lse = torch.empty(n_lead, nq, dtype=cdt, device=q.device)
-        block_d, block_dv, block_p = _block_sizes(d, dv)
+        block_d, block_dv, block_p, num_warps = _launch_config(d, dv, cdt)
         n_pblocks = triton.cdiv(nq, block_p)
+        # enable_fp_fusion (FMA) given explicitly: Triton 3.10 changes the default to off.
         with _on_device(q.device):
             _fwd_kernel[(n_lead * n_pblocks,)](
                 q5, k5, v5, p5, out, lse, rows, cols, cx, cy, scale_t,
                 l1, d, dv, w_out, nq, n_pblocks, stride, dilation,
                 *_strides(q5), *_strides(k5), *_strides(v5), *_strides(p5),
                 KERNEL=kernel, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_P=block_p,
-                CDT=_TL_DTYPE[cdt])
+                CDT=_TL_DTYPE[cdt], num_warps=num_warps, enable_fp_fusion=True)
         out = out.view(out_shape)
         ctx.save_for_backward(q, k, v, q_pos, out, lse, rows, cols, cx, cy, scale_t,
                               inv_rows, inv_cols)
@@ -415,11 +425,11 @@ class _TritonLocalAttention(torch.autograd.Function):
         cdt = lse.dtype
         g = grad_out.reshape(n_lead, dv, nq).contiguous()
         out_flat = out.reshape(n_lead, dv, nq)
-        block_d, block_dv, block_p = _block_sizes(d, dv)
+        block_d, block_dv, block_p, num_warps = _launch_config(d, dv, cdt)
         common = (rows, cols, cx, cy, scale_t)
         strides = (*_strides(q5), *_strides(k5), *_strides(v5), *_strides(p5))
         meta = dict(KERNEL=kernel, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_P=block_p,
-                    CDT=_TL_DTYPE[cdt])
+                    CDT=_TL_DTYPE[cdt], num_warps=num_warps, enable_fp_fusion=True)
         grad_q = torch.empty(n_lead, d, nq, dtype=q.dtype, device=q.device)
         grad_pos = torch.empty(n_lead, 2, nq, dtype=q_pos.dtype, device=q.device)
         delta = torch.empty(n_lead, nq, dtype=cdt, device=q.device)
@@ -454,7 +464,8 @@ def _fold(grad_pad: torch.Tensor, inv_rows: torch.Tensor, inv_cols: torch.Tensor
     n_pblocks = triton.cdiv(h * w, block)
     _fold_kernel[(n * n_pblocks,)](grad_pad, dst, inv_rows, inv_cols, w, h * w, wp,
                                    grad_pad.shape[-1], n_pblocks, MAX_R=max_r, MAX_C=max_c,
-                                   BLOCK_P=block, CDT=_TL_DTYPE[grad_pad.dtype])
+                                   BLOCK_P=block, CDT=_TL_DTYPE[grad_pad.dtype],
+                                   enable_fp_fusion=True)
     return dst
 
 

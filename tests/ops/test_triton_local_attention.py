@@ -171,6 +171,76 @@ def test_inverse_padding_tables(size, pad):
                 assert int(expected[p]) == pixel
 
 
+# Compiled mode without a GPU: Triton's full CUDA pipeline (ttir -> ptx -> ptxas cubin) runs
+# on the CPU for a named target, so the kernels' code generation for an H100 (sm_90) is
+# checked here too; cuobjdump then reads each kernel's registers and stack (spill) use.
+
+_INT_TABLES = ('rows_ptr', 'cols_ptr', 'inv_rows_ptr', 'inv_cols_ptr')
+_COMPUTE_PTRS = ('scale_ptr', 'cx_ptr', 'cy_ptr', 'lse_ptr', 'delta_ptr', 'gk_ptr', 'gv_ptr',
+                 'src_ptr')
+
+
+def _compile_sm90(fn, io: str, compute: str, constexprs: Dict[str, object], num_warps: int
+                  ) -> Dict[str, int]:
+    """Compile ``fn`` for sm_90; {'REG': registers per thread, 'STACK': bytes of stack}."""
+    import re
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = 'constexpr'
+        elif name in _INT_TABLES:
+            signature[name] = '*i32'
+        elif name in _COMPUTE_PTRS:
+            signature[name] = '*' + compute
+        elif name.endswith('_ptr'):
+            signature[name] = '*' + io
+        else:
+            signature[name] = 'i32'
+    kernel = triton.compile(ASTSource(fn, signature, constexprs),
+                            target=GPUTarget('cuda', 90, 32), options={'num_warps': num_warps,
+                                                                 'enable_fp_fusion': True})
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin',
+                             'cuobjdump')
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, 'kernel.cubin')
+        with open(path, 'wb') as f:
+            f.write(kernel.asm['cubin'])
+        usage = subprocess.run([cuobjdump, '-res-usage', path], capture_output=True, text=True,
+                               check=True).stdout
+    found = dict((k, int(v)) for k, v in re.findall(r'(REG|STACK):(\d+)', usage))
+    assert set(found) == {'REG', 'STACK'}, usage
+    return found
+
+
+_COMPILE_CASES = [(16, 'fp32', 'fp32')]
+_COMPILE_CASES_SLOW = [(d, 'fp32', 'fp32') for d in (8, 32, 64, 128, 256)] + [
+    (16, 'fp16', 'fp32'), (16, 'bf16', 'fp32'), (16, 'fp64', 'fp64')]
+
+
+@pytest.mark.parametrize('head_dim,io,compute', _COMPILE_CASES + [
+    pytest.param(*case, marks=pytest.mark.slow) for case in _COMPILE_CASES_SLOW])
+def test_kernels_compile_for_sm90_without_spills(head_dim, io, compute):
+    """The launch configuration ACMix gets compiles for an H100 and spills no registers."""
+    import triton.language as tl
+
+    from acmix_mm.ops import triton_local_attention as mod
+    dtype = {'fp32': torch.float32, 'fp64': torch.float64}[compute]
+    block_d, block_dv, block_p, num_warps = mod._launch_config(head_dim, head_dim, dtype)
+    cdt = {'fp32': tl.float32, 'fp64': tl.float64}[compute]
+    meta = dict(KERNEL=7, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_P=block_p, CDT=cdt)
+    for fn in (mod._fwd_kernel, mod._bwd_query_kernel, mod._bwd_key_kernel):
+        usage = _compile_sm90(fn, io, compute, meta, num_warps)
+        assert usage['STACK'] == 0, f'{fn.__name__} spills at head_dim {head_dim}: {usage}'
+        assert usage['REG'] <= 255, usage
+    usage = _compile_sm90(mod._fold_kernel, compute, compute,
+                          dict(MAX_R=2, MAX_C=2, BLOCK_P=256, CDT=cdt), 4)
+    assert usage['STACK'] == 0, usage
+
+
 if __name__ == '__main__':
     if sys.argv[1:] != ['--child']:
         sys.exit('usage: TRITON_INTERPRET=1 python tests/ops/test_triton_local_attention.py '
