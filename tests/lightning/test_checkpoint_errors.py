@@ -134,9 +134,6 @@ def training_checkpoint(state_dict: Dict[str, torch.Tensor], **extra) -> dict:
 
 
 # --------------------------------------------------------------------------- bad files
-Maker = Callable[[Path, dict], Tuple[Path, str]]
-
-
 def _save(path: Path, obj, **kwargs) -> Path:
     torch.save(obj, path, **kwargs)
     return path
@@ -212,7 +209,6 @@ KINDS: Dict[str, Tuple[Callable, str]] = {
     'raw pickle.dump': (_raw_pickle, REFUSED.replace('{name}', r'os\.system')),
 }
 ENTRY_POINTS = ('test', 'resume', 'load_from', 'pretrained')
-TRAPS = ('os.system', 'builtins.eval', 'subprocess.Popen', 'raw pickle.dump')
 
 
 def _good_object(entry: str, det_model) -> dict:
