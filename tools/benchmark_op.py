@@ -4,16 +4,20 @@
 For each shape (B, C, H, W) and device, runs forward+backward of
 
 - ``unfold``: ``ACMix(C, C, attn_impl='unfold')`` (the straightforward kernel),
-- ``lean``: ``ACMix(C, C, attn_impl='lean')`` (the memory-lean kernel, the default),
+- ``lean``: ``ACMix(C, C, attn_impl='lean')`` (the memory-lean PyTorch-ops kernel),
+- ``cpp``: ``ACMix(C, C, attn_impl='cpp')`` (the C++ CPU kernel, what ``'auto'`` picks on CPU;
+  built on first use, which is not timed),
 - ``conv3x3``: ``nn.Conv2d(C, C, 3, padding=1)`` (what ACMix replaces),
-- optionally ``lean+compile``: ``torch.compile`` of the lean module (compile time excluded),
+- optionally ``lean+compile`` / ``cpp+compile``: ``torch.compile`` of the lean / cpp module
+  (compile time excluded),
 
 and prints the median time and the peak memory (see :mod:`acmix_mm.utils.memory`) as markdown
-tables, with the ratios lean/unfold, lean/conv3x3 and unfold/conv3x3.
+tables, with the ratios of each ACMix kernel to unfold and to conv3x3 (where both ran).
 
 Example::
 
-    python tools/benchmark_op.py --shapes 2,64,56,56 1,64,200,336 --iters 3 --threads 2
+    python tools/benchmark_op.py --shapes 2,64,56,56 1,64,200,336 --iters 3 --threads 2 \
+        --impls unfold lean cpp conv3x3
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from acmix_mm.ops import ACMix  # noqa: E402
 from acmix_mm.utils import PeakMemory  # noqa: E402
 
-IMPLS = ('unfold', 'lean', 'conv3x3', 'lean+compile')
+IMPLS = ('unfold', 'lean', 'cpp', 'conv3x3', 'lean+compile', 'cpp+compile')
 DEFAULT_SHAPES = ('2,64,56,56', '1,64,200,336')
 Shape = Tuple[int, int, int, int]
 
@@ -78,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f'input shapes (default: {" ".join(DEFAULT_SHAPES)})')
     parser.add_argument('--device', nargs='+', default=['cpu'], choices=['cpu', 'cuda'],
                         help='devices to run on (default: cpu)')
-    parser.add_argument('--impls', nargs='+', default=['unfold', 'lean', 'conv3x3'],
-                        choices=IMPLS, help='what to run (default: unfold lean conv3x3)')
+    parser.add_argument('--impls', nargs='+', default=['unfold', 'lean', 'cpp', 'conv3x3'],
+                        choices=IMPLS, help='what to run (default: unfold lean cpp conv3x3)')
     parser.add_argument('--iters', type=positive_int, default=3,
                         help='timed forward+backward iterations (median reported; default 3)')
     parser.add_argument('--warmup', type=non_negative_int, default=1,
@@ -97,9 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 def build_module(impl: str, channels: int, stride: int) -> nn.Module:
     if impl == 'conv3x3':
         return nn.Conv2d(channels, channels, 3, stride=stride, padding=1)
-    module = ACMix(channels, channels, stride=stride,
-                   attn_impl='unfold' if impl == 'unfold' else 'lean')
-    return torch.compile(module) if impl == 'lean+compile' else module
+    module = ACMix(channels, channels, stride=stride, attn_impl=impl.split('+')[0])
+    return torch.compile(module) if impl.endswith('+compile') else module
 
 
 def _sync(device: torch.device) -> None:
@@ -121,7 +124,7 @@ def run_case(impl: str, shape: Shape, device: torch.device, stride: int, iters: 
             p.grad = None
         module(x).sum().backward()
 
-    for _ in range(warmup + (1 if impl == 'lean+compile' else 0)):  # compile happens here
+    for _ in range(warmup + (1 if impl.endswith('+compile') else 0)):  # compile happens here
         step()
     x.grad = None
     for p in params:
@@ -144,7 +147,7 @@ def _ratio(a: Optional[float], b: Optional[float]) -> str:
     return f'{a / b:.3g}' if a is not None and b else 'n/a'
 
 
-def format_tables(results: Dict[Tuple[Shape, str, str], Tuple[float, int]],
+def format_tables(results: Dict[Tuple[Shape, str, str], Optional[Tuple[float, int]]],
                   shapes: Sequence[Shape], devices: Sequence[str], impls: Sequence[str]
                   ) -> str:
     lines = ['| shape (B,C,H,W) | device | impl | fwd+bwd median (ms) | peak memory (MB) |',
@@ -152,11 +155,14 @@ def format_tables(results: Dict[Tuple[Shape, str, str], Tuple[float, int]],
     for shape in shapes:
         for dev in devices:
             for impl in impls:
-                seconds, peak = results[(shape, dev, impl)]
+                result = results[(shape, dev, impl)]
+                cells = ('n/a (CPU only)', 'n/a') if result is None else (
+                    f'{result[0] * 1e3:.1f}', f'{result[1] / 2**20:.1f}')
                 lines.append(f'| {",".join(map(str, shape))} | {dev} | {impl} | '
-                             f'{seconds * 1e3:.1f} | {peak / 2**20:.1f} |')
-    pairs = [(a, b) for a, b in (('lean', 'unfold'), ('lean', 'conv3x3'), ('unfold', 'conv3x3'),
-                                 ('lean+compile', 'conv3x3')) if a in impls and b in impls]
+                             f'{cells[0]} | {cells[1]} |')
+    kernels = [i for i in impls if i != 'conv3x3']
+    pairs = ([(a, 'unfold') for a in kernels if a != 'unfold' and 'unfold' in impls]
+             + [(a, 'conv3x3') for a in kernels if 'conv3x3' in impls])
     if pairs:
         header = ' | '.join(f'time {a}/{b} | memory {a}/{b}' for a, b in pairs)
         lines += ['', f'| shape (B,C,H,W) | device | {header} |',
@@ -165,8 +171,8 @@ def format_tables(results: Dict[Tuple[Shape, str, str], Tuple[float, int]],
             for dev in devices:
                 cells = []
                 for a, b in pairs:
-                    ta, ma = results[(shape, dev, a)]
-                    tb, mb = results[(shape, dev, b)]
+                    ta, ma = results[(shape, dev, a)] or (None, None)
+                    tb, mb = results[(shape, dev, b)] or (None, None)
                     cells += [_ratio(ta, tb), _ratio(ma, mb)]
                 lines.append(f'| {",".join(map(str, shape))} | {dev} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
@@ -186,6 +192,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     for shape in args.shapes:
         for dev in devices:
             for impl in impls:
+                if dev != 'cpu' and impl.startswith('cpp'):  # the C++ kernel is CPU-only
+                    results[(shape, dev, impl)] = None
+                    continue
                 results[(shape, dev, impl)] = run_case(impl, shape, torch.device(dev), args.stride,
                                                        args.iters, args.warmup, args.memory)
                 seconds, peak = results[(shape, dev, impl)]

@@ -50,9 +50,16 @@ class ACMix(nn.Module):
         kernel_conv: side of the convolution branch's kernel (odd, default 3).
         stride: output stride s (queries are taken at ``[::s, ::s]``).
         dilation: spacing d of both the attention window's offsets and ``dep_conv``'s taps.
-        attn_impl: ``'lean'`` (memory-lean offset loop, see
-            :mod:`acmix_mm.ops.local_attention`), ``'unfold'`` (straightforward reference) or
-            ``'auto'`` (= ``'lean'``).
+        attn_impl: the attention kernel (see :mod:`acmix_mm.ops.local_attention`):
+            ``'auto'`` (default) picks one per call with
+            :func:`~acmix_mm.ops.local_attention.resolve_attn_impl`: ``'cpp'`` on CPU in
+            float32/float64 (the C++ kernel, compiled once per machine on first use; ``'lean'``
+            with one warning if it cannot be built), ``'triton'`` on CUDA where Triton is
+            available, ``'unfold'`` while exporting (ONNX, ``torch.jit.trace``,
+            ``torch.export``), ``'lean'`` otherwise (and under ``torch.compile`` unless the C++
+            kernel is already loaded). Or force one: ``'cpp'``, ``'lean'`` (memory-lean
+            offset loop in PyTorch ops, any device/dtype), ``'unfold'`` (straightforward
+            reference, ~5x the memory) or ``'triton'``.
 
     Parameters (the authors' names; shapes for C_in = C_out = 64, head = 4: 17,822 in total):
 
@@ -98,8 +105,9 @@ class ACMix(nn.Module):
       (head_dim, [q, k, v] heads), see :meth:`_qkv_projection`;
     - ``fc`` then ``dep_conv`` run as one grouped conv with the product kernel (both are
       linear), so the (B, head_dim * kernel_conv**2, H, W) intermediate is never stored;
-    - ``attn_impl='lean'`` never materialises the (B, C, kernel_att**2, H, W) windows and keeps
-      ~10x the input's bytes for backward (C = 64) instead of the authors' ~110x.
+    - ``attn_impl='lean'`` and ``'cpp'`` never materialise the (B, C, kernel_att**2, H, W)
+      windows and keep ~10x the input's bytes for backward (C = 64) instead of the authors'
+      ~110x.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_att: int = 7, head: int = 4,
@@ -129,7 +137,7 @@ class ACMix(nn.Module):
         self.kernel_conv = kernel_conv
         self.stride = stride
         self.dilation = dilation
-        self.attn_impl = 'lean' if attn_impl == 'auto' else attn_impl
+        self.attn_impl = attn_impl  # 'auto' is resolved per call (device, dtype, tracing)
         self.padding_att = dilation * (kernel_att - 1) // 2
 
         self.rate1 = nn.Parameter(torch.empty(1))

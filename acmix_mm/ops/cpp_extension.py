@@ -23,7 +23,7 @@ from typing import List, Optional
 
 import torch
 
-__all__ = ['SOURCE', 'extension_name', 'build_directory', 'load_extension',
+__all__ = ['SOURCE', 'extension_name', 'build_directory', 'load_extension', 'is_loaded',
            'extension_available', 'extension_error']
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'local_attention.cpp')
@@ -99,3 +99,8 @@ def extension_available() -> bool:
 def extension_error() -> Optional[str]:
     """Why the extension is unavailable (None if it loaded or was not tried yet)."""
     return _error
+
+
+def is_loaded() -> bool:
+    """True if the extension is already loaded in this process (never starts a build)."""
+    return _module is not None

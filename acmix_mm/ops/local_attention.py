@@ -29,19 +29,35 @@ Two implementations of the same function:
   W_out), i.e. kernel**2 / D of the queries' bytes, and never materialises a
   (..., D, kernel**2, H_out, W_out) tensor, in forward or in backward.
 
+- ``'cpp'``: a C++ CPU kernel (``csrc/local_attention.cpp``, built on first use by
+  :mod:`acmix_mm.ops.cpp_extension`), float32/float64, multithreaded with torch's thread pool.
+  Per output row it gathers the key/value rows of the window once and runs the dot products
+  vectorised over x; it saves what ``'lean'`` saves (inputs and attention weights) and its
+  backward gathers the k/v gradients per source row (no atomics, deterministic). Registered as
+  the torch custom op ``acmix_mm::local_attention_cpp`` (with a fake implementation and an
+  autograd formula), so it also runs inside ``torch.compile``d graphs.
+- ``'triton'``: the Triton GPU kernel of :mod:`acmix_mm.ops.triton_local_attention`.
+
+:func:`resolve_attn_impl` turns ``'auto'`` into one of these per call (see there).
+
 Padding is done by index gathering (:func:`reflect_index`, numpy's ``'reflect'``), so any map
 size works, including 1 px (every padded position then reads that pixel).
 """
 from __future__ import annotations
 
+import warnings
 from typing import List, Tuple
 
 import torch
 
-__all__ = ['ATTN_IMPLS', 'reflect_index', 'reflect_pad', 'local_attention',
-           'unfold_local_attention', 'lean_local_attention']
+from . import cpp_extension
 
-ATTN_IMPLS = ('unfold', 'lean')
+__all__ = ['ATTN_IMPLS', 'reflect_index', 'reflect_pad', 'local_attention', 'resolve_attn_impl',
+           'unfold_local_attention', 'lean_local_attention', 'cpp_local_attention']
+
+ATTN_IMPLS = ('unfold', 'lean', 'cpp', 'triton')
+_CPP_DTYPES = (torch.float32, torch.float64)
+_fallback_warned = False
 
 
 def reflect_index(size: int, pad: int, device: torch.device | None = None) -> torch.Tensor:
@@ -256,18 +272,161 @@ def lean_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                      float(scale))
 
 
+def _require_extension():
+    ext = cpp_extension.load_extension()
+    if ext is None:
+        raise RuntimeError("local attention impl 'cpp': the C++ extension could not be built "
+                           f'({cpp_extension.extension_error()}); use impl="lean" or "auto"')
+    return ext
+
+
+@torch.library.custom_op('acmix_mm::local_attention_cpp', mutates_args=())
+def _cpp_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                 coord_x: torch.Tensor, coord_y: torch.Tensor, kernel: int, dilation: int,
+                 stride: int, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out (..., Dv, Ho, Wo), attention weights (..., kernel**2, Ho, Wo)) from the C++ kernel."""
+    out, attn = _require_extension().forward(q, k, v, q_pos, coord_x, coord_y, kernel, dilation,
+                                             stride, scale)
+    return out, attn
+
+
+@_cpp_forward.register_fake
+def _cpp_forward_fake(q, k, v, q_pos, coord_x, coord_y, kernel, dilation, stride, scale):
+    lead, hw_out = q.shape[:-3], q.shape[-2:]
+    return (q.new_empty(*lead, v.shape[-3], *hw_out),
+            q.new_empty(*lead, kernel * kernel, *hw_out))
+
+
+@torch.library.custom_op('acmix_mm::local_attention_cpp_backward', mutates_args=())
+def _cpp_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  q_pos: torch.Tensor, coord_x: torch.Tensor, coord_y: torch.Tensor,
+                  attn: torch.Tensor, kernel: int, dilation: int, stride: int, scale: float,
+                  need_q: bool, need_k: bool, need_v: bool, need_pos: bool
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (q, k, v, q_pos) of the C++ kernel; a (0,) tensor where not needed."""
+    grads = _require_extension().backward(grad_out, q, k, v, q_pos, coord_x, coord_y, attn,
+                                          kernel, dilation, stride, scale, need_q, need_k,
+                                          need_v, need_pos)
+    return tuple(grads)
+
+
+@_cpp_backward.register_fake
+def _cpp_backward_fake(grad_out, q, k, v, q_pos, coord_x, coord_y, attn, kernel, dilation,
+                       stride, scale, need_q, need_k, need_v, need_pos):
+    return tuple(t.new_empty(t.shape if need else (0,))
+                 for t, need in ((q, need_q), (k, need_k), (v, need_v), (q_pos, need_pos)))
+
+
+def _cpp_setup_context(ctx, inputs, output) -> None:
+    q, k, v, q_pos, coord_x, coord_y, kernel, dilation, stride, scale = inputs
+    # As the lean path: the inputs (views, no copies) and the attention weights.
+    ctx.save_for_backward(q, k, v, q_pos, coord_x, coord_y, output[1])
+    ctx.geometry = (kernel, dilation, stride, scale)
+
+
+def _cpp_autograd(ctx, grad_out, grad_attn):
+    # grad_attn is ignored: the weights are an internal output that callers never see.
+    need = tuple(bool(n) for n in ctx.needs_input_grad[:4])
+    grads = _cpp_backward(grad_out, *ctx.saved_tensors, *ctx.geometry, *need)
+    return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * 6
+
+
+_cpp_forward.register_autograd(_cpp_autograd, setup_context=_cpp_setup_context)
+
+
+def cpp_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        q_pos: torch.Tensor, coord_x: torch.Tensor, coord_y: torch.Tensor,
+                        kernel: int, dilation: int = 1, stride: int = 1,
+                        scale: float = 1.0) -> torch.Tensor:
+    """Local attention by the C++ CPU kernel (see module docstring); float32/float64 on CPU.
+
+    Raises RuntimeError naming the reason if the extension cannot be built.
+    """
+    _check_operands(q, k, v, q_pos, coord_x, coord_y, kernel, dilation, stride)
+    tensors = (q, k, v, q_pos, coord_x, coord_y)
+    if any(t.device.type != 'cpu' for t in tensors) or q.dtype not in _CPP_DTYPES or any(
+            t.dtype != q.dtype for t in tensors):
+        raise ValueError("local attention impl 'cpp' needs CPU tensors of one dtype, float32 or "
+                         'float64; got ' + ', '.join(f'{t.dtype} on {t.device}' for t in tensors))
+    return _cpp_forward(q, k, v, q_pos, coord_x, coord_y, int(kernel), int(dilation),
+                        int(stride), float(scale))[0]
+
+
+def _triton_module():
+    """acmix_mm.ops.triton_local_attention, or None where it (or triton) is not installed."""
+    try:
+        from . import triton_local_attention
+    except ImportError:
+        return None
+    return triton_local_attention
+
+
+def _tracing_for_export() -> bool:
+    """True while a graph is recorded for export, where custom ops/Functions cannot go."""
+    return bool(torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+                or torch.jit.is_scripting() or torch.compiler.is_exporting())
+
+
+def resolve_attn_impl(requested: str, tensor: torch.Tensor) -> str:
+    """The kernel that computes a call with operands like ``tensor`` (e.g. the queries).
+
+    An explicit ``requested`` impl (one of :data:`ATTN_IMPLS`) is returned as is. ``'auto'``:
+
+    - under ONNX export, ``torch.jit`` tracing or ``torch.export``: ``'unfold'`` (plain tensor
+      ops; custom ops and autograd Functions do not export);
+    - on CPU in float32/float64: ``'cpp'`` if the C++ extension builds (once per machine; see
+      :mod:`acmix_mm.ops.cpp_extension`). Under ``torch.compile`` only if it is already loaded
+      in this process (a build cannot run inside a traced region), else ``'lean'``. If the
+      build fails, ``'lean'``, with one warning naming the reason;
+    - on CUDA: ``'triton'`` if :mod:`acmix_mm.ops.triton_local_attention` is importable and
+      reports ``triton_available()``;
+    - otherwise (e.g. half precision on CPU, CUDA without Triton): ``'lean'``.
+    """
+    global _fallback_warned
+    if requested != 'auto':
+        if requested not in ATTN_IMPLS:
+            raise ValueError(f"local attention impl must be one of {('auto',) + ATTN_IMPLS}, "
+                             f'got {requested!r}')
+        return requested
+    if _tracing_for_export():
+        return 'unfold'
+    if tensor.device.type == 'cpu' and tensor.dtype in _CPP_DTYPES:
+        if torch.compiler.is_compiling():
+            return 'cpp' if cpp_extension.is_loaded() else 'lean'
+        if cpp_extension.load_extension() is not None:
+            return 'cpp'
+        if not _fallback_warned:
+            _fallback_warned = True
+            warnings.warn("acmix_mm: the C++ local-attention kernel is unavailable "
+                          f"({cpp_extension.extension_error()}); attn_impl='auto' uses the "
+                          "slower 'lean' kernel instead", RuntimeWarning, stacklevel=2)
+        return 'lean'
+    if tensor.device.type == 'cuda':
+        triton = _triton_module()
+        if triton is not None and triton.triton_available():
+            return 'triton'
+    return 'lean'
+
+
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                     coord_x: torch.Tensor, coord_y: torch.Tensor, kernel: int,
                     dilation: int = 1, stride: int = 1, scale: float = 1.0,
-                    impl: str = 'lean') -> torch.Tensor:
-    """Local attention with the ``impl`` kernel (one of :data:`ATTN_IMPLS`).
+                    impl: str = 'auto') -> torch.Tensor:
+    """Local attention with the ``impl`` kernel (``'auto'`` or one of :data:`ATTN_IMPLS`;
+    ``'auto'`` is resolved by :func:`resolve_attn_impl`).
 
     See the module docstring for the operands' shapes and the computed function.
     """
+    impl = resolve_attn_impl(impl, q)
+    args = (q, k, v, q_pos, coord_x, coord_y, kernel, dilation, stride, scale)
     if impl == 'lean':
-        return lean_local_attention(q, k, v, q_pos, coord_x, coord_y, kernel, dilation, stride,
-                                    scale)
+        return lean_local_attention(*args)
+    if impl == 'cpp':
+        return cpp_local_attention(*args)
     if impl == 'unfold':
-        return unfold_local_attention(q, k, v, q_pos, coord_x, coord_y, kernel, dilation, stride,
-                                      scale)
-    raise ValueError(f'local attention impl must be one of {ATTN_IMPLS}, got {impl!r}')
+        return unfold_local_attention(*args)
+    triton = _triton_module()
+    if triton is None:
+        raise RuntimeError("local attention impl 'triton' needs acmix_mm.ops."
+                           'triton_local_attention and the triton package; not importable here')
+    return triton.triton_local_attention(*args)

@@ -25,6 +25,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -139,30 +141,139 @@ void check_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
               " / ", coord_y.sizes());
 }
 
-// Gathers rows `src_row` of `rows_count` channels (channel stride `cs`, row starting at
-// base + src_row * row_stride) into buf (rows_count, KW), applying the column reflection; the
-// tail [Wp, KW) stays zero (set once at allocation).
+// Copies one row of `channels` channels (channel stride `cs`, each row contiguous from `base`)
+// into buf (channels, KW) with the column reflection applied: the W interior columns are one
+// memcpy, only the 2 * pad border columns go through the table. The tail [Wp, KW) stays zero
+// (set once at allocation).
 template <typename T>
-inline void gather_row(const T* base, int64_t channels, int64_t cs, const int64_t* cols,
-                       int64_t Wp, int64_t KW, T* buf) {
+inline void gather_row(const T* base, int64_t channels, int64_t cs, const Geometry& g, T* buf) {
+  const int64_t* cols = g.cols.data();
   for (int64_t c = 0; c < channels; ++c) {
     const T* src = base + c * cs;
-    T* dst = buf + c * KW;
-    for (int64_t xp = 0; xp < Wp; ++xp) dst[xp] = src[cols[xp]];
+    T* dst = buf + c * g.KW;
+    for (int64_t xp = 0; xp < g.pad; ++xp) dst[xp] = src[cols[xp]];
+    std::memcpy(dst + g.pad, src, sizeof(T) * g.W);
+    for (int64_t xp = g.pad + g.W; xp < g.Wp; ++xp) dst[xp] = src[cols[xp]];
   }
 }
 
-// acc[j] += sum_c a[c][x0 + j] * b[c][off + (x0 + j) * S] over channels; strides in elements.
-template <typename T, int S>
-inline void dot_block(const T* a, int64_t a_cs, const T* b, int64_t b_cs, int64_t channels,
-                      int64_t s_rt, T* __restrict acc) {
+// exp(x) for the softmax, x <= 0 (logit minus the row maximum). float: Cephes' expf polynomial
+// (~1 ulp on the range), branch-free and without float->int conversions (rounding by adding
+// 1.5 * 2^23, whose bits then hold n) so that the x loop vectorises, which std::exp (a libm call
+// per element) does not. Below -87 it returns ~1e-38 instead of 0, irrelevant next to the
+// maximum's exp(0) = 1. double: std::exp (the double path is for checks, not speed).
+inline float softmax_exp(float x) {
+  x = std::max(x, -87.0f);
+  const float shifter = 12582912.0f;  // 1.5 * 2^23
+  const float t = x * 1.44269504088896341f + shifter;  // round(x / ln 2) in the low bits
+  const float n = t - shifter;
+  float r = x - n * 0.693359375f;  // x - n ln 2, ln 2 split in two for precision
+  r -= n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  // 2^n: n = bits(t) - bits(shifter), n in [-126, 0].
+  const int32_t bits = (__builtin_bit_cast(int32_t, t) - 0x4B400000 + 127) << 23;
+  return p * __builtin_bit_cast(float, bits);
+}
+inline double softmax_exp(double x) { return std::exp(x); }
+
+// One block of kBlock lanes for G independent outputs sharing the "a" operand:
+//   out[g * out_gs + j] (+)= sum_c a[c * a_cs + j] * b[g * goff + c * b_cs + j * s]
+// G separate accumulators break the FMA latency chain (one accumulator over c would issue one
+// FMA per ~4 cycles) and reuse each loaded "a" vector G times.
+template <typename T, int S, int G>
+inline void dot_group(const T* __restrict a, int64_t a_cs, const T* __restrict b, int64_t b_cs,
+                      int64_t goff, int64_t channels, int64_t s_rt, T* __restrict out,
+                      int64_t out_gs, bool accumulate) {
   const int64_t s = S > 0 ? S : s_rt;
-  for (int64_t c = 0; c < channels; ++c) {
-    const T* __restrict ar = a + c * a_cs;
-    const T* __restrict br = b + c * b_cs;
-#pragma GCC ivdep
-    for (int64_t j = 0; j < kBlock; ++j) acc[j] += ar[j] * br[j * s];
+  T acc[G][kBlock];
+  for (int g = 0; g < G; ++g) {
+#pragma omp simd
+    for (int64_t j = 0; j < kBlock; ++j) acc[g][j] = accumulate ? out[g * out_gs + j] : T(0);
   }
+  for (int64_t c = 0; c < channels; ++c) {
+    const T* ar = a + c * a_cs;
+    const T* br = b + c * b_cs;
+    for (int g = 0; g < G; ++g) {
+      const T* bg = br + g * goff;
+#pragma omp simd
+      for (int64_t j = 0; j < kBlock; ++j) acc[g][j] += ar[j] * bg[j * s];
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+#pragma omp simd
+    for (int64_t j = 0; j < kBlock; ++j) out[g * out_gs + j] = acc[g][j];
+  }
+}
+
+// dot_group over n outputs, in groups of up to 8.
+template <typename T, int S>
+inline void dot_groups(const T* a, int64_t a_cs, const T* b, int64_t b_cs, int64_t goff,
+                       int64_t channels, int64_t s, T* out, int64_t out_gs, int64_t n,
+                       bool accumulate) {
+  int64_t g0 = 0;
+  for (; g0 + 8 <= n; g0 += 8) {
+    dot_group<T, S, 8>(a, a_cs, b + g0 * goff, b_cs, goff, channels, s, out + g0 * out_gs,
+                       out_gs, accumulate);
+  }
+  b += g0 * goff;
+  out += g0 * out_gs;
+  switch (n - g0) {
+#define ACMIX_GROUP_CASE(R)                                                                \
+  case R:                                                                                  \
+    dot_group<T, S, R>(a, a_cs, b, b_cs, goff, channels, s, out, out_gs, accumulate); \
+    break;
+    ACMIX_GROUP_CASE(7)
+    ACMIX_GROUP_CASE(6)
+    ACMIX_GROUP_CASE(5)
+    ACMIX_GROUP_CASE(4)
+    ACMIX_GROUP_CASE(3)
+    ACMIX_GROUP_CASE(2)
+    ACMIX_GROUP_CASE(1)
+#undef ACMIX_GROUP_CASE
+    default:
+      break;
+  }
+}
+
+// The last few padded key/value rows of one plane, gathered (gather_row) into slots: with
+// slots = (K - 1) * dil + 1, the K rows of one window land in distinct slots, and successive
+// output rows (a thread walks them in order) reuse K - s of them instead of gathering again.
+template <typename T>
+struct RowCache {
+  int64_t slots, channels, KW;
+  std::vector<T> data;
+  std::vector<int64_t> tag;
+  RowCache(const Geometry& g, int64_t channels_)
+      : slots((g.K - 1) * g.dil + 1), channels(channels_), KW(g.KW),
+        data(slots * channels_ * g.KW, T(0)), tag(slots, -1) {}
+  // Row `py` of plane n; `plane` points at the plane's first channel, first row.
+  const T* get(int64_t n, int64_t py, const T* plane, int64_t cs, int64_t rs, const Geometry& g) {
+    const int64_t slot = py % slots, key = n * g.Hp + py;
+    T* dst = data.data() + slot * channels * KW;
+    if (tag[slot] != key) {
+      gather_row(plane + g.rows[py] * rs, channels, cs, g, dst);
+      tag[slot] = key;
+    }
+    return dst;
+  }
+};
+
+template <typename T>
+void padded_coordinates(const Geometry& g, const at::Tensor& coord_x, const at::Tensor& coord_y,
+                        std::vector<T>& cxp, std::vector<T>& cyp) {
+  // cxp is zero beyond Wp so that the tail lanes stay finite.
+  cxp.assign(g.KW, T(0));
+  cyp.assign(g.Hp, T(0));
+  auto cx = coord_x.contiguous();
+  auto cy = coord_y.contiguous();
+  for (int64_t i = 0; i < g.Wp; ++i) cxp[i] = cx.data_ptr<T>()[g.cols[i]];
+  for (int64_t i = 0; i < g.Hp; ++i) cyp[i] = cy.data_ptr<T>()[g.rows[i]];
 }
 
 template <typename T, int S>
@@ -181,93 +292,86 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k,
   const int64_t k_cs = k.stride(-3), k_rs = k.stride(-2);
   const int64_t v_cs = v.stride(-3), v_rs = v.stride(-2);
   const int64_t p_cs = q_pos.stride(-3), p_rs = q_pos.stride(-2);
-  const int64_t HoWo = g.Ho * g.Wo;
-  // Padded coordinates; cxp is zero beyond Wp so that the tail lanes stay finite.
-  std::vector<T> cxp(g.KW, T(0)), cyp(g.Hp);
-  {
-    auto cx = coord_x.contiguous();
-    auto cy = coord_y.contiguous();
-    for (int64_t i = 0; i < g.Wp; ++i) cxp[i] = cx.data_ptr<T>()[g.cols[i]];
-    for (int64_t i = 0; i < g.Hp; ++i) cyp[i] = cy.data_ptr<T>()[g.rows[i]];
-  }
+  const int64_t HoWo = g.Ho * g.Wo, Wo_r = g.Wo_r;
+  std::vector<T> cxp, cyp;
+  padded_coordinates(g, coord_x, coord_y, cxp, cyp);
   const int64_t s = g.s;
 
   at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t begin, int64_t end) {
-    const int64_t Dmax = std::max(g.D, g.Dv);
-    std::vector<T> qbuf(g.D * g.Wo_r, T(0)), kbuf(Dmax * g.KW, T(0)),
-        logits(g.K2 * g.Wo_r), obuf(g.Dv * g.Wo_r), posx(g.Wo_r, T(0)), posy(g.Wo_r, T(0)),
-        rowmax(g.Wo_r), rowsum(g.Wo_r);
+    RowCache<T> kcache(g, g.D), vcache(g, g.Dv);
+    std::vector<T> qbuf(g.D * Wo_r, T(0)), logits(g.K2 * Wo_r), obuf(g.Dv * Wo_r),
+        posx(Wo_r, T(0)), posy(Wo_r, T(0)), rowmax(Wo_r), rowsum(Wo_r);
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t n = idx / g.Ho, y = idx % g.Ho;
       for (int64_t d = 0; d < g.D; ++d) {
-        std::copy_n(qp + q_off[n] + d * q_cs + y * q_rs, g.Wo, qbuf.data() + d * g.Wo_r);
+        std::copy_n(qp + q_off[n] + d * q_cs + y * q_rs, g.Wo, qbuf.data() + d * Wo_r);
       }
       std::copy_n(pp + p_off[n] + y * p_rs, g.Wo, posx.data());
       std::copy_n(pp + p_off[n] + p_cs + y * p_rs, g.Wo, posy.data());
 
-      // Logits, one gathered key row per window row ty.
+      // Logits: per window row ty, all K offsets tx at once (they share the q loads).
       for (int64_t ty = 0; ty < g.K; ++ty) {
         const int64_t py = y * s + ty * g.dil;
-        gather_row(kp + k_off[n] + g.rows[py] * k_rs, g.D, k_cs, g.cols.data(), g.Wp, g.KW,
-                   kbuf.data());
+        const T* krows = kcache.get(n, py, kp + k_off[n], k_cs, k_rs, g);
+        T* lrows = logits.data() + ty * g.K * Wo_r;
+        for (int64_t x0 = 0; x0 < Wo_r; x0 += kBlock) {
+          dot_groups<T, S>(qbuf.data() + x0, Wo_r, krows + x0 * s, g.KW, g.dil, g.D, s,
+                           lrows + x0, Wo_r, g.K, false);
+        }
         const T cy_t = cyp[py];
         for (int64_t tx = 0; tx < g.K; ++tx) {
-          const int64_t off = tx * g.dil;
-          T* lrow = logits.data() + (ty * g.K + tx) * g.Wo_r;
-          for (int64_t x0 = 0; x0 < g.Wo_r; x0 += kBlock) {
-            T acc[kBlock] = {};
-            dot_block<T, S>(qbuf.data() + x0, g.Wo_r, kbuf.data() + off + x0 * s, g.KW, g.D, s,
-                            acc);
-            for (int64_t j = 0; j < kBlock; ++j) {
-              const int64_t x = x0 + j;
-              lrow[x] = scale * acc[j] + posx[x] * cxp[off + x * s] + posy[x] * cy_t;
-            }
+          T* __restrict l = lrows + tx * Wo_r;
+          const T* __restrict cx = cxp.data() + tx * g.dil;
+          const T* __restrict px = posx.data();
+          const T* __restrict pyv = posy.data();
+#pragma omp simd
+          for (int64_t x = 0; x < Wo_r; ++x) {
+            l[x] = scale * l[x] + px[x] * cx[x * s] + pyv[x] * cy_t;
           }
         }
       }
       // Softmax over t, vectorised over x.
-      std::fill(rowmax.begin(), rowmax.end(), -std::numeric_limits<T>::infinity());
-      std::fill(rowsum.begin(), rowsum.end(), T(0));
-      for (int64_t t = 0; t < g.K2; ++t) {
-        const T* l = logits.data() + t * g.Wo_r;
-        for (int64_t x = 0; x < g.Wo_r; ++x) rowmax[x] = std::max(rowmax[x], l[x]);
-      }
-      for (int64_t t = 0; t < g.K2; ++t) {
-        T* l = logits.data() + t * g.Wo_r;
-        for (int64_t x = 0; x < g.Wo_r; ++x) {
-          l[x] = std::exp(l[x] - rowmax[x]);
-          rowsum[x] += l[x];
+      {
+        T* __restrict mx = rowmax.data();
+        T* __restrict sm = rowsum.data();
+        std::fill_n(mx, Wo_r, -std::numeric_limits<T>::infinity());
+        std::fill_n(sm, Wo_r, T(0));
+        for (int64_t t = 0; t < g.K2; ++t) {
+          const T* __restrict l = logits.data() + t * Wo_r;
+#pragma omp simd
+          for (int64_t x = 0; x < Wo_r; ++x) mx[x] = std::max(mx[x], l[x]);
+        }
+        for (int64_t t = 0; t < g.K2; ++t) {
+          T* __restrict l = logits.data() + t * Wo_r;
+#pragma omp simd
+          for (int64_t x = 0; x < Wo_r; ++x) {
+            l[x] = softmax_exp(l[x] - mx[x]);
+            sm[x] += l[x];
+          }
+        }
+#pragma omp simd
+        for (int64_t x = 0; x < Wo_r; ++x) sm[x] = T(1) / sm[x];
+        T* arow = ap + n * g.K2 * HoWo + y * g.Wo;
+        for (int64_t t = 0; t < g.K2; ++t) {
+          T* __restrict l = logits.data() + t * Wo_r;
+#pragma omp simd
+          for (int64_t x = 0; x < Wo_r; ++x) l[x] *= sm[x];
+          std::copy_n(l, g.Wo, arow + t * HoWo);
         }
       }
-      for (int64_t x = 0; x < g.Wo_r; ++x) rowsum[x] = T(1) / rowsum[x];
-      T* arow = ap + n * g.K2 * HoWo + y * g.Wo;
-      for (int64_t t = 0; t < g.K2; ++t) {
-        T* l = logits.data() + t * g.Wo_r;
-        for (int64_t x = 0; x < g.Wo_r; ++x) l[x] *= rowsum[x];
-        std::copy_n(l, g.Wo, arow + t * HoWo);
-      }
-      // Weighted sum of the gathered value rows.
+      // Weighted sum of the value rows: per ty, all Dv channels in groups sharing the a loads.
       std::fill(obuf.begin(), obuf.end(), T(0));
       for (int64_t ty = 0; ty < g.K; ++ty) {
         const int64_t py = y * s + ty * g.dil;
-        gather_row(vp + v_off[n] + g.rows[py] * v_rs, g.Dv, v_cs, g.cols.data(), g.Wp, g.KW,
-                   kbuf.data());
-        for (int64_t dv = 0; dv < g.Dv; ++dv) {
-          const T* vrow = kbuf.data() + dv * g.KW;
-          T* orow = obuf.data() + dv * g.Wo_r;
-          for (int64_t x0 = 0; x0 < g.Wo_r; x0 += kBlock) {
-            T acc[kBlock];
-            for (int64_t j = 0; j < kBlock; ++j) acc[j] = orow[x0 + j];
-            // a_t[x] * v[off + x*s] summed over tx: the same dot_block with a stride-K2 "a".
-            dot_block<T, S>(logits.data() + ty * g.K * g.Wo_r + x0, g.Wo_r, vrow + x0 * s,
-                            g.dil, g.K, s, acc);
-            for (int64_t j = 0; j < kBlock; ++j) orow[x0 + j] = acc[j];
-          }
+        const T* vrows = vcache.get(n, py, vp + v_off[n], v_cs, v_rs, g);
+        for (int64_t x0 = 0; x0 < Wo_r; x0 += kBlock) {
+          dot_groups<T, S>(logits.data() + ty * g.K * Wo_r + x0, Wo_r, vrows + x0 * s, g.dil,
+                           g.KW, g.K, s, obuf.data() + x0, Wo_r, g.Dv, true);
         }
       }
       T* out_row = op + n * g.Dv * HoWo + y * g.Wo;
       for (int64_t dv = 0; dv < g.Dv; ++dv) {
-        std::copy_n(obuf.data() + dv * g.Wo_r, g.Wo, out_row + dv * HoWo);
+        std::copy_n(obuf.data() + dv * Wo_r, g.Wo, out_row + dv * HoWo);
       }
     }
   });
@@ -292,68 +396,62 @@ void backward_rows_impl(const Geometry& g, const at::Tensor& grad_out, const at:
   const int64_t go_cs = grad_out.stride(-3), go_rs = grad_out.stride(-2);
   const int64_t k_cs = k.stride(-3), k_rs = k.stride(-2);
   const int64_t v_cs = v.stride(-3), v_rs = v.stride(-2);
-  const int64_t HoWo = g.Ho * g.Wo;
-  std::vector<T> cxp(g.KW, T(0)), cyp(g.Hp);
-  {
-    auto cx = coord_x.contiguous();
-    auto cy = coord_y.contiguous();
-    for (int64_t i = 0; i < g.Wp; ++i) cxp[i] = cx.data_ptr<T>()[g.cols[i]];
-    for (int64_t i = 0; i < g.Hp; ++i) cyp[i] = cy.data_ptr<T>()[g.rows[i]];
-  }
+  const int64_t HoWo = g.Ho * g.Wo, Wo_r = g.Wo_r;
+  std::vector<T> cxp, cyp;
+  padded_coordinates(g, coord_x, coord_y, cxp, cyp);
   const int64_t s = g.s;
 
   at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t begin, int64_t end) {
-    const int64_t Dmax = std::max(g.D, g.Dv);
-    std::vector<T> gobuf(g.Dv * g.Wo_r, T(0)), buf(Dmax * g.KW, T(0)),
-        abuf(g.K2 * g.Wo_r, T(0)), gl(g.K2 * g.Wo_r), gq(g.D * g.Wo_r), dot(g.Wo_r);
+    RowCache<T> kcache(g, g.D), vcache(g, g.Dv);
+    std::vector<T> gobuf(g.Dv * Wo_r, T(0)), abuf(g.K2 * Wo_r, T(0)), gl(g.K2 * Wo_r),
+        gq(g.D * Wo_r), dot(Wo_r);
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t n = idx / g.Ho, y = idx % g.Ho;
       for (int64_t dv = 0; dv < g.Dv; ++dv) {
-        std::copy_n(gop + go_off[n] + dv * go_cs + y * go_rs, g.Wo, gobuf.data() + dv * g.Wo_r);
+        std::copy_n(gop + go_off[n] + dv * go_cs + y * go_rs, g.Wo, gobuf.data() + dv * Wo_r);
       }
       for (int64_t t = 0; t < g.K2; ++t) {
-        std::copy_n(ap + (n * g.K2 + t) * HoWo + y * g.Wo, g.Wo, abuf.data() + t * g.Wo_r);
+        std::copy_n(ap + (n * g.K2 + t) * HoWo + y * g.Wo, g.Wo, abuf.data() + t * Wo_r);
       }
-      // d out / d a_t = grad_out . v[p_t]
+      // d out / d a_t = grad_out . v[p_t], all tx of a window row at once.
       for (int64_t ty = 0; ty < g.K; ++ty) {
         const int64_t py = y * s + ty * g.dil;
-        gather_row(vp + v_off[n] + g.rows[py] * v_rs, g.Dv, v_cs, g.cols.data(), g.Wp, g.KW,
-                   buf.data());
-        for (int64_t tx = 0; tx < g.K; ++tx) {
-          const int64_t off = tx * g.dil;
-          T* grow = gl.data() + (ty * g.K + tx) * g.Wo_r;
-          for (int64_t x0 = 0; x0 < g.Wo_r; x0 += kBlock) {
-            T acc[kBlock] = {};
-            dot_block<T, S>(gobuf.data() + x0, g.Wo_r, buf.data() + off + x0 * s, g.KW, g.Dv, s,
-                            acc);
-            std::copy_n(acc, kBlock, grow + x0);
-          }
+        const T* vrows = vcache.get(n, py, vp + v_off[n], v_cs, v_rs, g);
+        for (int64_t x0 = 0; x0 < Wo_r; x0 += kBlock) {
+          dot_groups<T, S>(gobuf.data() + x0, Wo_r, vrows + x0 * s, g.KW, g.dil, g.Dv, s,
+                           gl.data() + ty * g.K * Wo_r + x0, Wo_r, g.K, false);
         }
       }
       // Softmax backward: gl_t = a_t * (g_t - sum_u a_u g_u).
-      std::fill(dot.begin(), dot.end(), T(0));
-      for (int64_t t = 0; t < g.K2; ++t) {
-        const T* a = abuf.data() + t * g.Wo_r;
-        const T* gr = gl.data() + t * g.Wo_r;
-        for (int64_t x = 0; x < g.Wo_r; ++x) dot[x] += a[x] * gr[x];
-      }
-      T* glrow = glp + n * g.K2 * HoWo + y * g.Wo;
-      for (int64_t t = 0; t < g.K2; ++t) {
-        const T* a = abuf.data() + t * g.Wo_r;
-        T* gr = gl.data() + t * g.Wo_r;
-        for (int64_t x = 0; x < g.Wo_r; ++x) gr[x] = a[x] * (gr[x] - dot[x]);
-        std::copy_n(gr, g.Wo, glrow + t * HoWo);
+      {
+        T* __restrict dt = dot.data();
+        std::fill_n(dt, Wo_r, T(0));
+        for (int64_t t = 0; t < g.K2; ++t) {
+          const T* __restrict a = abuf.data() + t * Wo_r;
+          const T* __restrict gr = gl.data() + t * Wo_r;
+#pragma omp simd
+          for (int64_t x = 0; x < Wo_r; ++x) dt[x] += a[x] * gr[x];
+        }
+        T* glrow = glp + n * g.K2 * HoWo + y * g.Wo;
+        for (int64_t t = 0; t < g.K2; ++t) {
+          const T* __restrict a = abuf.data() + t * Wo_r;
+          T* __restrict gr = gl.data() + t * Wo_r;
+#pragma omp simd
+          for (int64_t x = 0; x < Wo_r; ++x) gr[x] = a[x] * (gr[x] - dt[x]);
+          std::copy_n(gr, g.Wo, glrow + t * HoWo);
+        }
       }
       if (need_pos) {
-        T* px = gpp + n * 2 * HoWo + y * g.Wo;
-        T* pyr = px + HoWo;
+        T* __restrict px = gpp + n * 2 * HoWo + y * g.Wo;
+        T* __restrict pyr = px + HoWo;
         std::fill_n(px, g.Wo, T(0));
         std::fill_n(pyr, g.Wo, T(0));
         for (int64_t ty = 0; ty < g.K; ++ty) {
           const T cy_t = cyp[y * s + ty * g.dil];
           for (int64_t tx = 0; tx < g.K; ++tx) {
-            const T* gr = gl.data() + (ty * g.K + tx) * g.Wo_r;
-            const T* cx = cxp.data() + tx * g.dil;
+            const T* __restrict gr = gl.data() + (ty * g.K + tx) * Wo_r;
+            const T* __restrict cx = cxp.data() + tx * g.dil;
+#pragma omp simd
             for (int64_t x = 0; x < g.Wo; ++x) {
               px[x] += gr[x] * cx[x * s];
               pyr[x] += gr[x] * cy_t;
@@ -365,22 +463,15 @@ void backward_rows_impl(const Geometry& g, const at::Tensor& grad_out, const at:
         std::fill(gq.begin(), gq.end(), T(0));
         for (int64_t ty = 0; ty < g.K; ++ty) {
           const int64_t py = y * s + ty * g.dil;
-          gather_row(kp + k_off[n] + g.rows[py] * k_rs, g.D, k_cs, g.cols.data(), g.Wp, g.KW,
-                     buf.data());
-          for (int64_t d = 0; d < g.D; ++d) {
-            T* gqrow = gq.data() + d * g.Wo_r;
-            for (int64_t x0 = 0; x0 < g.Wo_r; x0 += kBlock) {
-              T acc[kBlock];
-              std::copy_n(gqrow + x0, kBlock, acc);
-              dot_block<T, S>(gl.data() + ty * g.K * g.Wo_r + x0, g.Wo_r,
-                              buf.data() + d * g.KW + x0 * s, g.dil, g.K, s, acc);
-              std::copy_n(acc, kBlock, gqrow + x0);
-            }
+          const T* krows = kcache.get(n, py, kp + k_off[n], k_cs, k_rs, g);
+          for (int64_t x0 = 0; x0 < Wo_r; x0 += kBlock) {
+            dot_groups<T, S>(gl.data() + ty * g.K * Wo_r + x0, Wo_r, krows + x0 * s, g.dil,
+                             g.KW, g.K, s, gq.data() + x0, Wo_r, g.D, true);
           }
         }
         T* gq_out = gqp + n * g.D * HoWo + y * g.Wo;
         for (int64_t d = 0; d < g.D; ++d) {
-          const T* src = gq.data() + d * g.Wo_r;
+          const T* src = gq.data() + d * Wo_r;
           T* dst = gq_out + d * HoWo;
           for (int64_t x = 0; x < g.Wo; ++x) dst[x] = scale * src[x];
         }
@@ -413,9 +504,20 @@ void backward_kv_impl(const Geometry& g, const at::Tensor& weights, const at::Te
     for (int64_t p = 0; p < g.Hp; ++p) pr_list[fill[g.rows[p]]++] = p;
   }
   const int64_t s = g.s;
+  // Stride 1: grad[xp] = sum_tx w_tx[xp - tx*dil] * src[xp - tx*dil], a register-blocked
+  // dot_groups over tx per block of padded columns xp (shifted reads, so the per-query rows
+  // get L zeros on the left); no read-modify-write of the accumulator per offset. Other
+  // strides scatter, x*s + tx*dil == xp.
+  const int64_t L = S == 1 ? (g.K - 1) * g.dil : 0;
+  const int64_t Wp_r = round_up(g.Wp, kBlock);
+  const int64_t AW = std::max(Wp_r, g.KW);              // accumulator row width
+  const int64_t WB = L + std::max(g.Wo_r, Wp_r);        // per-query row buffer width
+  const int64_t slots = (g.K - 1) * g.dil + 1;          // distinct output rows of one padded row
 
   at::parallel_for(0, g.N * g.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> acc_buf(C * g.KW), sbuf(C * g.Wo_r, T(0)), wbuf(g.K * g.Wo_r, T(0));
+    // src rows are each used by K padded rows: cached by output row (key n * Ho + y).
+    std::vector<T> acc_buf(C * AW), scache(slots * C * WB, T(0)), wbuf(g.K * WB, T(0));
+    std::vector<int64_t> stag(slots, -1);
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t n = idx / g.H, r = idx % g.H;
       std::fill(acc_buf.begin(), acc_buf.end(), T(0));
@@ -426,23 +528,30 @@ void backward_kv_impl(const Geometry& g, const at::Tensor& weights, const at::Te
           if (rel < 0 || rel % s != 0) continue;
           const int64_t y = rel / s;
           if (y >= g.Ho) continue;
-          for (int64_t c = 0; c < C; ++c) {
-            std::copy_n(sp + s_off[n] + c * s_cs + y * s_rs, g.Wo, sbuf.data() + c * g.Wo_r);
+          const int64_t slot = y % slots;
+          T* srows = scache.data() + slot * C * WB;
+          if (stag[slot] != n * g.Ho + y) {
+            for (int64_t c = 0; c < C; ++c) {
+              std::copy_n(sp + s_off[n] + c * s_cs + y * s_rs, g.Wo, srows + c * WB + L);
+            }
+            stag[slot] = n * g.Ho + y;
           }
           for (int64_t tx = 0; tx < g.K; ++tx) {
             std::copy_n(wp + (n * g.K2 + ty * g.K + tx) * HoWo + y * g.Wo, g.Wo,
-                        wbuf.data() + tx * g.Wo_r);
+                        wbuf.data() + tx * WB + L);
           }
-          for (int64_t c = 0; c < C; ++c) {
-            const T* srow = sbuf.data() + c * g.Wo_r;
-            T* arow = acc_buf.data() + c * g.KW;
-            for (int64_t tx = 0; tx < g.K; ++tx) {
-              const T* wrow = wbuf.data() + tx * g.Wo_r;
-              T* dst = arow + tx * g.dil;
-              if (S == 1) {
-#pragma GCC ivdep
-                for (int64_t x = 0; x < g.Wo_r; ++x) dst[x] += wrow[x] * srow[x];
-              } else {
+          if (S == 1) {
+            for (int64_t x0 = 0; x0 < Wp_r; x0 += kBlock) {
+              dot_groups<T, 1>(wbuf.data() + L + x0, WB - g.dil, srows + L + x0, -g.dil, WB,
+                               g.K, 1, acc_buf.data() + x0, AW, C, true);
+            }
+          } else {
+            for (int64_t c = 0; c < C; ++c) {
+              const T* srow = srows + c * WB;
+              T* arow = acc_buf.data() + c * AW;
+              for (int64_t tx = 0; tx < g.K; ++tx) {
+                const T* wrow = wbuf.data() + tx * WB;
+                T* dst = arow + tx * g.dil;
                 for (int64_t x = 0; x < g.Wo; ++x) dst[x * s] += wrow[x] * srow[x];
               }
             }
@@ -453,9 +562,10 @@ void backward_kv_impl(const Geometry& g, const at::Tensor& weights, const at::Te
       T* grow = gp + n * C * HW + r * g.W;
       for (int64_t c = 0; c < C; ++c) {
         T* dst = grow + c * HW;
-        const T* a = acc_buf.data() + c * g.KW;
-        std::fill_n(dst, g.W, T(0));
-        for (int64_t xp = 0; xp < g.Wp; ++xp) dst[g.cols[xp]] += factor * a[xp];
+        const T* a = acc_buf.data() + c * AW;
+        for (int64_t x = 0; x < g.W; ++x) dst[x] = factor * a[g.pad + x];  // interior
+        for (int64_t xp = 0; xp < g.pad; ++xp) dst[g.cols[xp]] += factor * a[xp];
+        for (int64_t xp = g.pad + g.W; xp < g.Wp; ++xp) dst[g.cols[xp]] += factor * a[xp];
       }
     }
   });
@@ -504,11 +614,11 @@ std::vector<at::Tensor> local_attention_backward(
                   grad_out.size(-1) == g.Wo,
               "grad_out has shape ", grad_out.sizes(), ", expected the output's");
   TORCH_CHECK(attn.numel() == g.N * g.K2 * g.Ho * g.Wo, "attn has shape ", attn.sizes());
-  auto empty = at::empty({0}, q.options());
-  auto grad_q = need_q ? at::empty(q.sizes(), q.options()) : empty;
-  auto grad_k = need_k ? at::empty(k.sizes(), k.options()) : empty;
-  auto grad_v = need_v ? at::empty(v.sizes(), v.options()) : empty;
-  auto grad_pos = need_pos ? at::empty(q_pos.sizes(), q_pos.options()) : empty;
+  // Distinct (0,) tensors for the gradients not asked for: custom ops' outputs must not alias.
+  auto grad_q = at::empty(need_q ? q.sizes() : at::IntArrayRef{0}, q.options());
+  auto grad_k = at::empty(need_k ? k.sizes() : at::IntArrayRef{0}, k.options());
+  auto grad_v = at::empty(need_v ? v.sizes() : at::IntArrayRef{0}, v.options());
+  auto grad_pos = at::empty(need_pos ? q_pos.sizes() : at::IntArrayRef{0}, q_pos.options());
   if (!(need_q || need_k || need_v || need_pos)) return {grad_q, grad_k, grad_v, grad_pos};
   auto glog = at::empty(attn.sizes(), attn.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "acmix_local_attention_backward", [&] {
