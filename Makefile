@@ -58,8 +58,18 @@ demo: $(STAMP)
 demo-seg: $(STAMP)
 	$(PY) tools/demo.py seg
 
+# The operator's table, then the issue's backbone comparisons (README "Results and benchmarks"):
+# ResNet-ACMix-50 vs ResNet-50 and Swin-ACMix-T vs Swin-T, fwd+bwd at 800x1344, 2 threads.
+# Tens of minutes on a 2-core CPU.
 bench: $(STAMP)
 	$(PY) tools/benchmark_op.py
+	$(PY) tools/benchmark.py configs/acmix_resnet/mask-rcnn_acmix-r50_fpn_1x_coco.py \
+	    --vs mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py --part backbone --mode train \
+	    --shape 800 1344 --warmup 1 --iters 3 --threads 2 \
+	    --cfg-options model.backbone.frozen_stages=-1 model.backbone.norm_eval=False
+	$(PY) tools/benchmark.py configs/acmix_swin/mask-rcnn_acmix-swin-t-p4-w7_fpn_1x_coco.py \
+	    --vs mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py --part backbone --mode train \
+	    --shape 800 1344 --warmup 1 --iters 3 --threads 2
 
 clean-venv:
 	rm -rf $(VENV)

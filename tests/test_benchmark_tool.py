@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ RATIO = re.compile(r'^\| A / B \| \| \| ([^|]+) \| ([^|]+) \| \|$')
 def load_tool():
     spec = importlib.util.spec_from_file_location('benchmark_tool', REPO / 'tools/benchmark.py')
     tool = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = tool  # dataclasses look their module up there
     spec.loader.exec_module(tool)
     return tool
 
