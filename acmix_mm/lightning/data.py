@@ -34,10 +34,11 @@ returns):
   Runner (bit-identical data to the Runner's); a resume is then exact only with ``num_workers=0``.
 * **The iterator is created at the first batch**, after Lightning has called ``set_epoch``, so
   workers (which prefetch as soon as they start) never read the previous epoch's order. Creating a
-  DataLoader iterator draws one number from torch's global generator; the loader draws it exactly
-  when an uninterrupted run would (every epoch; with ``persistent_workers`` only at epoch 0; never
-  when continuing a resumed epoch), so the global random stream, and with it dropout and RoI
-  sampling, continues after a resume as if the run had never stopped.
+  DataLoader iterator draws one number from torch's global generator (every epoch, or once per
+  run with ``persistent_workers``); this loader draws it at every epoch start, whatever the worker
+  settings, and not when it continues a resumed epoch, so the global random stream, and with it
+  dropout and RoI sampling, continues after a resume as if the run had never stopped. (With
+  ``persistent_workers=True`` this is one draw per epoch more than mmengine's Runner makes.)
 """
 from __future__ import annotations
 
@@ -345,20 +346,18 @@ class ResumableDataLoader(DataLoader):
         self.batch_sampler.skip_next(skip)
         self.batches_taken = skip
         self._taken_epoch = epoch
+        # DataLoader draws one number from torch's global generator when it creates an iterator
+        # (every epoch; once per run with persistent workers). Draw it at every epoch start and
+        # never when continuing a resumed epoch, so that the global stream (dropout, RoI
+        # sampling) is that of an uninterrupted run and does not depend on the worker settings.
+        if skip == 0:
+            seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        else:
+            seed = sample_seed(self.batch_sampler.base_seed or 0, epoch, _LOADER_SEED_INDEX)
         persistent = self.persistent_workers and self.num_workers > 0
-        # An uninterrupted run draws torch's global generator once per pass (once per run with
-        # persistent workers) when DataLoader creates its iterator; draw exactly then.
-        creates = not (persistent and self._iterator is not None)
-        canonical = skip == 0 and (not persistent or epoch == 0)
-        if creates:
-            if self._user_generator is not None:
-                self.generator = self._user_generator
-            else:
-                if canonical:
-                    seed = int(torch.empty((), dtype=torch.int64).random_().item())
-                else:
-                    seed = sample_seed(self.batch_sampler.base_seed or 0, epoch, _LOADER_SEED_INDEX)
-                self.generator = torch.Generator().manual_seed(seed)
+        if not (persistent and self._iterator is not None):  # a new iterator will be created
+            self.generator = (self._user_generator if self._user_generator is not None
+                              else torch.Generator().manual_seed(seed))
         return super().__iter__()
 
     def state_dict(self) -> Dict[str, Any]:

@@ -168,7 +168,7 @@ class MMLightningModule(LightningModule):
                 loader.load_state_dict(self._pending_loader_state)
             self._pending_loader_state = None
         if self._pending_rng_states is not None:
-            restore_rng_states(self._pending_rng_states)
+            restore_rng_states(self._own_rng_states(self._pending_rng_states))
             self._pending_rng_states = None
 
     def loop_spec(self) -> LoopSpec:
@@ -335,9 +335,9 @@ class MMLightningModule(LightningModule):
             checkpoint[SCHEDULER_STATE_KEY] = self.stepper.state_dict()
         # Lightning saves neither the global random states nor (for a loader it cannot see as
         # stateful before its own restore runs) the data position: both are needed for a resume
-        # that equals an uninterrupted run. In DDP rank 0 writes the file, so every rank restores
-        # rank 0's states (equal across ranks anyway unless randomness.diff_rank_seed).
-        checkpoint[RNG_STATE_KEY] = collect_rng_states()
+        # that equals an uninterrupted run. Every rank runs this hook (saving is collective) but
+        # only rank 0 writes the file: gather every rank's states into it.
+        checkpoint[RNG_STATE_KEY] = self._gather_rng_states()
         loader = self._trainer.train_dataloader if self._trainer is not None else None
         if loader is not None and hasattr(loader, 'state_dict') and hasattr(loader, 'load_state_dict'):
             checkpoint[LOADER_STATE_KEY] = loader.state_dict()
@@ -355,6 +355,25 @@ class MMLightningModule(LightningModule):
         checkpoint.update(plain)
         checkpoint['state_dict'] = state_dict
         checkpoint[ckpt.STATE_DICT_LAYOUT_KEY] = ckpt.STATE_DICT_LAYOUT
+
+    def _gather_rng_states(self) -> Dict[str, Any]:
+        """This rank's states, plus ``'per_rank'`` (every rank's, in rank order) under DDP."""
+        states = collect_rng_states()
+        trainer = self._trainer
+        if (trainer is not None and trainer.world_size > 1 and torch.distributed.is_available()
+                and torch.distributed.is_initialized()):
+            gathered: List[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, states)
+            states = dict(states, per_rank=gathered)
+        return states
+
+    def _own_rng_states(self, states: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The states this rank saved (rank 0's when the world size changed)."""
+        per_rank = states.get('per_rank')
+        rank = self.global_rank if self._trainer is not None else 0
+        if per_rank and len(per_rank) == self.trainer.world_size:
+            return per_rank[rank]
+        return states
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         if checkpoint.get(ckpt.STATE_DICT_LAYOUT_KEY) == ckpt.STATE_DICT_LAYOUT:

@@ -36,7 +36,8 @@ written atomically (:class:`~acmix_mm.lightning.checkpoint_io.AtomicCheckpointIO
 absent, never truncated, also under ``kill -9``).
 
 Determinism: ``randomness.deterministic=True`` -> ``Trainer(deterministic=True)`` (torch's
-deterministic algorithms, cuDNN autotuning off); otherwise ``env_cfg.cudnn_benchmark`` ->
+deterministic algorithms, cuDNN autotuning off; ``'warn'``: warn where torch has none instead of
+raising); otherwise ``env_cfg.cudnn_benchmark`` ->
 ``Trainer(benchmark=...)`` as mmengine's Runner sets it.
 """
 from __future__ import annotations
@@ -189,7 +190,10 @@ def build_trainer(cfg: Config, work_dir: str, overrides: Optional[TrainerOverrid
     optim = OptimSettings.from_config(cfg.optim_wrapper) if cfg.get('optim_wrapper') else OptimSettings()
     strategy = _strategy(cfg, section, overrides.strategy or section.get('strategy', 'auto'))
     logger_hook = (cfg.get('default_hooks') or {}).get('logger') or {}
-    deterministic = bool((cfg.get('randomness') or {}).get('deterministic', False))
+    deterministic = (cfg.get('randomness') or {}).get('deterministic', False)
+    # 'warn' (Lightning's): torch's deterministic algorithms, warning instead of raising for ops
+    # that have none (e.g. bilinear interpolate backward on CUDA, which mmseg's heads use).
+    deterministic = 'warn' if deterministic == 'warn' else bool(deterministic)
     kwargs: Dict[str, Any] = dict(
         accelerator=accelerator,
         devices=overrides.devices if overrides.devices is not None else section.get('devices', 1),

@@ -160,9 +160,15 @@ def test_loader_state_of_another_epoch_skips_nothing():
 
 
 def test_per_sample_seeding_independent_of_workers_and_history():
+    torch.manual_seed(9)
     single = [_epoch(_loader(), e) for e in range(2)]
-    workers = _loader(num_workers=2, persistent=True)
-    assert [_epoch(workers, e) for e in range(2)] == single
+    after_single = torch.rand(3)
+    for persistent in (False, True):
+        torch.manual_seed(9)
+        workers = _loader(num_workers=2, persistent=persistent)
+        assert [_epoch(workers, e) for e in range(2)] == single
+        # The main process's torch stream is the same too (one draw per epoch in every case).
+        assert torch.equal(torch.rand(3), after_single)
     # Loading leaves the main process's generators alone (dropout, RoI sampling draw from them),
     # but for the one number any DataLoader draws from torch when it creates its iterator.
     torch.manual_seed(5)
