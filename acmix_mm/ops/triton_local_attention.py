@@ -522,5 +522,13 @@ def triton_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if q.numel() == 0 or v.numel() == 0:
         raise ValueError(f'triton_local_attention: empty operands q {tuple(q.shape)}, '
                          f'v {tuple(v.shape)}')
-    return _TritonLocalAttention.apply(q, k, v, q_pos, coord_x, coord_y, int(kernel),
-                                       int(dilation), int(stride), float(scale))
+    return _apply(q, k, v, q_pos, coord_x, coord_y, int(kernel), int(dilation), int(stride),
+                  float(scale))
+
+
+# Under torch.compile, dynamo would trace into the launches (and, with the interpreter, into
+# numpy): a graph break here runs the kernels eagerly, forward and backward, as written.
+@torch.compiler.disable
+def _apply(q, k, v, q_pos, coord_x, coord_y, kernel, dilation, stride, scale):
+    return _TritonLocalAttention.apply(q, k, v, q_pos, coord_x, coord_y, kernel, dilation,
+                                       stride, scale)

@@ -88,6 +88,22 @@ def _child() -> None:
         errors['deterministic'] = all(torch.equal(a, b) for a, b in zip(grads, grads2))
         print(json.dumps({'case': name, 'value': errors}), flush=True)
 
+    # torch.compile around the kernel: dynamo must break the graph there, not trace into it.
+    ops = _operands((1, 2), 4, 3, 5, 6, 1, 'float32', 'contiguous')
+    ins = [x.detach().requires_grad_(True) for x in ops[:4]]
+
+    def layer(q, k, v, q_pos):
+        return (triton_local_attention(q * 2.0, k, v, q_pos, *ops[4:], 3, 1, 1, 0.5) * 3.0).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer)
+    results = []
+    for fn in (compiled, layer):
+        value = fn(*ins)
+        results.append([value] + list(torch.autograd.grad(value, ins)))
+    print(json.dumps({'case': '_compiled', 'value': max(
+        (a - b).abs().max().item() for a, b in zip(*results))}), flush=True)
+
 
 @pytest.fixture(scope='module')
 def interpreted() -> Dict[str, object]:
@@ -102,6 +118,10 @@ def interpreted() -> Dict[str, object]:
 
 def test_available_under_interpreter(interpreted):
     assert interpreted['_available'] is True
+
+
+def test_torch_compile_breaks_the_graph_around_the_kernels(interpreted):
+    assert interpreted['_compiled'] <= 1e-5
 
 
 @pytest.mark.parametrize('name', list(CASES))
