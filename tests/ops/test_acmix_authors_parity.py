@@ -58,7 +58,7 @@ def test_authors_state_dict_loads_strictly():
         assert torch.equal(model.state_dict()[key], value), key
 
 
-@pytest.mark.parametrize('impl', ['unfold', 'lean'])
+@pytest.mark.parametrize('impl', ['unfold', 'lean', 'cpp'])
 @pytest.mark.parametrize('stride,size,channels', [
     (1, (12, 10), (16, 32)),
     (2, (12, 16), (32, 32)),

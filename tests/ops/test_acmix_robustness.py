@@ -75,7 +75,7 @@ def _definition(model: ACMix, x: torch.Tensor) -> torch.Tensor:
     return p['rate1'] * out_att + p['rate2'] * out_conv
 
 
-@pytest.mark.parametrize('impl', ['lean', 'unfold'])
+@pytest.mark.parametrize('impl', ['lean', 'unfold', 'cpp'])
 @pytest.mark.parametrize('size,stride,dilation,kernel_conv', [
     ((1, 1), 1, 1, 3), ((2, 3), 1, 1, 3), ((3, 3), 2, 1, 3), ((1, 2), 2, 1, 3),
     ((5, 7), 2, 1, 3), ((7, 4), 2, 1, 5), ((6, 5), 1, 2, 3), ((5, 6), 2, 2, 5),
@@ -108,7 +108,7 @@ def test_one_pixel_map_attends_to_itself():
     torch.testing.assert_close(model(x), model.conv3(x), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize('impl', ['lean', 'unfold'])
+@pytest.mark.parametrize('impl', ['lean', 'unfold', 'cpp'])
 def test_gradcheck_whole_operator_float64(impl):
     model = _model(in_ch=4, out_ch=4, head=2, kernel_att=3, stride=2, attn_impl=impl).double()
     x = torch.randn(1, 4, 5, 4, dtype=torch.float64, requires_grad=True)
@@ -245,7 +245,7 @@ def test_wrong_input_shape_raises():
         ACMix(8, 8)(torch.randn(1, 4, 5, 5))
 
 
-@pytest.mark.parametrize('impl', ['lean', 'unfold'])
+@pytest.mark.parametrize('impl', ['lean', 'unfold', 'cpp'])
 def test_channels_last_input(impl):
     model = _model(stride=2, attn_impl=impl)
     x = torch.randn(2, 8, 9, 8)

@@ -22,11 +22,23 @@ def test_prints_tables(tool, capsys):
     assert tool.main(['--shapes', '1,8,6,5', '--iters', '1', '--warmup', '0']) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith('| 1,8,6,5 | cpu |')]
-    assert [r.split('|')[3].strip() for r in rows[:3]] == ['unfold', 'lean', 'conv3x3']
-    peaks = [float(r.split('|')[5]) for r in rows[:3]]
-    assert peaks[1] < peaks[0]  # lean keeps less than unfold even on a tiny map
-    assert 'time lean/unfold | memory lean/unfold' in out
-    assert len(rows) == 4  # three measurements and one ratio row
+    assert [r.split('|')[3].strip() for r in rows[:4]] == ['unfold', 'lean', 'cpp', 'conv3x3']
+    peaks = [float(r.split('|')[5]) for r in rows[:4]]
+    # lean and cpp keep less than unfold even on a tiny map
+    assert peaks[1] < peaks[0] and peaks[2] < peaks[0], peaks
+    assert 'time lean/unfold | memory lean/unfold | time cpp/unfold | memory cpp/unfold' in out
+    assert 'time cpp/conv3x3 | memory cpp/conv3x3' in out
+    assert len(rows) == 5  # four measurements and one ratio row
+
+
+def test_compiled_cpp_row(tool, capsys):
+    assert tool.main(['--shapes', '1,8,5,5', '--iters', '1', '--warmup', '0',
+                      '--impls', 'cpp+compile', 'conv3x3']) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith('| 1,8,5,5 | cpu |')]
+    assert rows[0].split('|')[3].strip() == 'cpp+compile'
+    assert float(rows[0].split('|')[4]) > 0
+    assert 'time cpp+compile/conv3x3' in out
 
 
 @pytest.mark.parametrize('argv,message', [
