@@ -86,9 +86,20 @@ def load_extension() -> Optional[ModuleType]:
             _module = load(name=extension_name(), sources=[SOURCE], extra_cflags=_CFLAGS,
                            extra_ldflags=_LDFLAGS, build_directory=directory, verbose=False)
         except Exception as exc:  # noqa: BLE001 - any build failure means "use the fallback"
-            message = str(exc).strip().splitlines()
-            _error = f'{type(exc).__name__}: {message[-1] if message else exc!r}'
+            _error = f'{type(exc).__name__}: {_first_error_line(str(exc))}'
         return _module
+
+
+def _first_error_line(log: str) -> str:
+    """The build log's first line saying what went wrong (compiler error, missing program),
+    else its last line: the whole log is too long for a warning."""
+    lines = [line.strip() for line in log.strip().splitlines() if line.strip()]
+    for line in lines:
+        lower = line.lower()
+        if 'error:' in lower or 'not found' in lower or 'no such file' in lower:
+            return line
+    return lines[-1] if lines else 'unknown error'
+
 
 
 def extension_available() -> bool:

@@ -7,12 +7,19 @@ from __future__ import annotations
 
 import torch
 
-from acmix_mm.ops import ACMix
+import pytest
+
+from acmix_mm.ops import ACMix, cpp_extension
 
 
-def test_compiled_matches_eager_on_two_sizes():
+# 'lean': an autograd.Function traced by dynamo; 'cpp': the torch custom op (fake + autograd
+# registrations), which 'auto' picks under compile once the extension is loaded.
+@pytest.mark.parametrize('impl', ['lean', 'cpp'])
+def test_compiled_matches_eager_on_two_sizes(impl):
+    if impl == 'cpp':
+        assert cpp_extension.load_extension() is not None, cpp_extension.extension_error()
     torch.manual_seed(0)
-    model = ACMix(16, 16, stride=2)
+    model = ACMix(16, 16, stride=2, attn_impl=impl)
     with torch.no_grad():
         model.fc.weight.normal_(0, 0.5)
         model.conv_p.weight.normal_()

@@ -343,7 +343,7 @@ print(error)
 
 @pytest.mark.parametrize('env,reason', [
     ({'ACMIX_MM_DISABLE_CPP': '1'}, 'disabled by ACMIX_MM_DISABLE_CPP'),
-    ({'CXX': '/nonexistent/c++'}, 'Error'),  # no compiler: the build fails
+    ({'CXX': '/nonexistent/c++'}, 'not found'),  # no compiler: the build fails
 ])
 def test_auto_falls_back_to_lean_with_one_warning(tmp_path, env, reason):
     full_env = dict(os.environ, ACMIX_MM_EXTENSIONS_DIR=str(tmp_path), **env)
