@@ -8,7 +8,6 @@ tests/lightning/test_seg_checks.py) appear here only where this table asserts mo
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import re
@@ -229,6 +228,10 @@ ROWS = [
         r"acmix_stages must be a list or tuple of 4 values, one per stage, got 'TTTT' \(str\)"),
     row('swin-acmix_stages-mixed', backbone(SwinACMix, **SWIN, acmix_stages=(True, 1)), TypeError,
         r'acmix_stages mixes bools and ints: \(True, 1\); give stage indices in 0\.\.1 or 2 bools'),
+    row('swin-acmix_stages-bools-length', backbone(SwinACMix, **SWIN, acmix_stages=(False, True, True)), ValueError,
+        r'acmix_stages as bools must have one entry per stage \(2\), got 3: \(False, True, True\)'),
+    row('swin-with_cp-str', backbone(SwinACMix, **SWIN, with_cp='yes'), TypeError,
+        r"with_cp must be a bool \(True or False\), got 'yes' \(str\)"),
     row('strides-length', backbone(ResNetACMix, **SLIM, strides=(1, 2, 2)), ValueError,
         r'strides must have one entry per stage \(num_stages=4\), got 3: \(1, 2, 2\)'),
     row('norm_cfg-type', backbone(ResNetACMix, **SLIM, norm_cfg=dict(type='LN')), ValueError,

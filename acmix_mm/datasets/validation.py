@@ -34,7 +34,6 @@ import collections
 import json
 import logging
 import numbers
-import os
 import os.path as osp
 from typing import Any, Iterable, Mapping, Optional, Sequence
 

@@ -44,7 +44,7 @@ def check_int(name: str, value: Any, low: int, high: Optional[int] = None) -> in
 def check_bool(name: str, value: Any) -> bool:
     """Return ``value`` if it is a bool (``True``/``False``, not 0/1), else raise a TypeError."""
     if not isinstance(value, bool):
-        raise TypeError(f'{name} must be True or False, got {value!r} ({type(value).__name__})')
+        raise TypeError(f'{name} must be a bool (True or False), got {value!r} ({type(value).__name__})')
     return value
 
 

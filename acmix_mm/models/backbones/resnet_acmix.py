@@ -24,7 +24,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...ops import ACMix
 from ...registry import MODELS
-from .base import ACMixBackbone, check_init_cfg, check_int, check_out_indices, check_per_stage
+from .base import (ACMixBackbone, check_bool, check_init_cfg, check_int, check_out_indices,
+                   check_per_stage)
 
 __all__ = ['ResNetACMix', 'ACMixBottleneck', 'build_norm']
 
@@ -134,16 +135,6 @@ class ACMixBottleneck(nn.Module):
         return self.relu(out)
 
 
-def _check_int(name: str, value, low: int, high: Optional[int] = None) -> int:
-    return check_int(name, value, low, high)
-
-
-def _check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f'{name} must be a bool (True or False), got {value!r} ({type(value).__name__})')
-    return value
-
-
 @MODELS.register_module()
 class ResNetACMix(ACMixBackbone):
     """ResNet-ACMix backbone (Pan et al., CVPR 2022) with mmdet ``ResNet``'s interface.
@@ -226,27 +217,27 @@ class ResNetACMix(ACMixBackbone):
         super().__init__(init_cfg)
 
         self.depth = depth
-        _check_int('in_channels', in_channels, 1)
-        self.base_channels = _check_int('base_channels', base_channels, 1)
-        self.stem_channels = base_channels if stem_channels is None else _check_int(
+        check_int('in_channels', in_channels, 1)
+        self.base_channels = check_int('base_channels', base_channels, 1)
+        self.stem_channels = base_channels if stem_channels is None else check_int(
             'stem_channels', stem_channels, 1)
-        self.num_stages = _check_int('num_stages', num_stages, 1, 4)
-        positive = lambda n, v: _check_int(n, v, 1)  # noqa: E731
+        self.num_stages = check_int('num_stages', num_stages, 1, 4)
+        positive = lambda n, v: check_int(n, v, 1)  # noqa: E731
         self.strides = check_per_stage('strides', strides, num_stages, (1, 2, 2, 2), positive)
         self.dilations = check_per_stage('dilations', dilations, num_stages, (1, 1, 1, 1), positive)
         self.acmix_stages = check_per_stage('acmix_stages', acmix_stages, num_stages,
-                                            (True,) * 4, _check_bool)
+                                            (True,) * 4, check_bool)
         self.out_indices = check_out_indices(out_indices, num_stages)
         if style != 'pytorch':
             raise ValueError(f'style {style!r} is not supported: ResNetACMix only has '
                              f"style='pytorch' (stride on the middle ACMix layer, ResNet v1.5)")
         self.style = style
-        self.frozen_stages = _check_int('frozen_stages', frozen_stages, -1, num_stages)
+        self.frozen_stages = check_int('frozen_stages', frozen_stages, -1, num_stages)
         self.norm_cfg = dict(type='BN', requires_grad=True) if norm_cfg is None else norm_cfg
-        self.norm_eval = _check_bool('norm_eval', norm_eval)
-        self.with_cp = _check_bool('with_cp', with_cp)
-        self.zero_init_residual = _check_bool('zero_init_residual', zero_init_residual)
-        _check_int('head', head, 1)
+        self.norm_eval = check_bool('norm_eval', norm_eval)
+        self.with_cp = check_bool('with_cp', with_cp)
+        self.zero_init_residual = check_bool('zero_init_residual', zero_init_residual)
+        check_int('head', head, 1)
         for i in range(num_stages):
             width = base_channels * 2**i
             if self.acmix_stages[i] and width % head:
