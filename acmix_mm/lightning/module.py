@@ -168,8 +168,12 @@ class MMLightningModule(LightningModule):
                 loader.load_state_dict(self._pending_loader_state)
             self._pending_loader_state = None
         if self._pending_rng_states is not None:
-            restore_rng_states(self._own_rng_states(self._pending_rng_states))
-            self._pending_rng_states = None
+            states, self._pending_rng_states = self._pending_rng_states, None
+            try:
+                restore_rng_states(self._own_rng_states(states))
+            except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
+                raise ValueError(f'the resumed checkpoint\'s {RNG_STATE_KEY!r} entry is not the random '
+                                 f'states acmix_mm writes ({type(error).__name__}: {error})') from error
 
     def loop_spec(self) -> LoopSpec:
         return LoopSpec.from_config(self.cfg)
@@ -370,8 +374,8 @@ class MMLightningModule(LightningModule):
     def _own_rng_states(self, states: Mapping[str, Any]) -> Mapping[str, Any]:
         """The states this rank saved (rank 0's when the world size changed)."""
         per_rank = states.get('per_rank')
-        rank = self.global_rank if self._trainer is not None else 0
-        if per_rank and len(per_rank) == self.trainer.world_size:
+        rank, world = (self.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+        if per_rank and len(per_rank) == world:
             return per_rank[rank]
         return states
 

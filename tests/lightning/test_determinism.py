@@ -1,4 +1,5 @@
-"""Determinism on CPU: the same seed gives the same per-step losses, whatever ``num_workers``.
+"""Determinism on CPU: the same seed gives the same per-step losses, whatever ``num_workers``;
+random states survive a ``weights_only`` checkpoint.
 
 Read through the CSV logger of ``acmix_mm.lightning.train`` (what ``tools/train.py`` runs), on the
 tiny Mask R-CNN with shuffling and a random flip: the data order, the augmentation (per-sample
@@ -7,11 +8,16 @@ seeds, see ``acmix_mm.lightning.data``), the initialisation and mmdet's RoI/anch
 """
 from __future__ import annotations
 
+import io
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
-from acmix_mm.lightning import train
+from acmix_mm.lightning import MMLightningModule, train
+from acmix_mm.lightning.module import collect_rng_states, restore_rng_states
 from acmix_mm.lightning.trainer import build_trainer
 
 from .helpers import make_coco
@@ -48,7 +54,6 @@ def test_same_seed_same_losses_any_num_workers(coco6, tmp_path):
 
 
 def test_randomness_deterministic_reaches_the_trainer(coco6, tmp_path):
-    import torch
     cfg = resume_config(coco6, max_iters=2, validate=False)
     try:
         for value, expected in ((True, True), ('warn', True), (False, False)):
@@ -58,3 +63,29 @@ def test_randomness_deterministic_reaches_the_trainer(coco6, tmp_path):
             assert torch.is_deterministic_algorithms_warn_only_enabled() is (value == 'warn')
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_rng_states_round_trip_through_a_weights_only_checkpoint():
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    np.random.randn()  # leaves a cached gaussian in numpy's state
+    buffer = io.BytesIO()
+    torch.save({'rng_states': collect_rng_states()}, buffer)
+    expected = (random.random(), np.random.randn(4), torch.rand(4))
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    buffer.seek(0)
+    restore_rng_states(torch.load(buffer, weights_only=True)['rng_states'])
+    got = (random.random(), np.random.randn(4), torch.rand(4))
+    assert got[0] == expected[0]
+    assert np.array_equal(got[1], expected[1])
+    assert torch.equal(got[2], expected[2])
+
+
+def test_malformed_rng_states_in_a_checkpoint_are_refused(coco6):
+    module = MMLightningModule(resume_config(coco6, max_iters=2, validate=False), init_weights=False)
+    module.on_load_checkpoint({'rng_states': {'torch': torch.get_rng_state(), 'numpy': {'key': 'MT19937'}}})
+    with pytest.raises(ValueError, match="'rng_states' entry is not the random states"):
+        module.on_train_start()
