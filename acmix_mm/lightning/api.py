@@ -42,7 +42,13 @@ def resolve_resume(resume: Optional[str], work_dir: str) -> Optional[str]:
         return None
     path = os.path.join(work_dir, CHECKPOINT_DIR, 'last.ckpt') if resume == AUTO_RESUME else resume
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'--resume: checkpoint {path!r} does not exist')
+        hint = ''
+        if resume == AUTO_RESUME:
+            # A run killed before (or while) writing its first checkpoint leaves none: checkpoints
+            # are written atomically (checkpoint_io.py), so there is never a partial last.ckpt.
+            hint = ('; the run in this work dir has not written a checkpoint yet: start it again '
+                    'without --resume, or pass --resume CKPT')
+        raise FileNotFoundError(f'--resume: checkpoint {path!r} does not exist{hint}')
     return path
 
 

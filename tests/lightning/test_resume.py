@@ -383,3 +383,15 @@ def test_kill9_and_resume_equals_uninterrupted(coco6, tmp_path, loop, workers, c
     assert got_losses and all(math.isclose(v, ref_losses[s], abs_tol=1e-6) for s, v in got_losses.items())
     with capsys.disabled():
         print(f'\n[{loop}, workers={workers}] kills (when, last.ckpt global_step): {kills}')
+
+
+def test_resume_auto_without_a_checkpoint_says_so(tmp_path):
+    from acmix_mm.lightning.api import resolve_resume
+    (tmp_path / 'checkpoints').mkdir()
+    # A run killed while writing its first checkpoint leaves only the writer's temporary file.
+    (tmp_path / 'checkpoints' / '.last.ckpt.partial-abc').write_bytes(b'half')
+    with pytest.raises(FileNotFoundError, match='has not written a checkpoint yet'):
+        resolve_resume('auto', str(tmp_path))
+    with pytest.raises(FileNotFoundError, match='nope.ckpt'):
+        resolve_resume(str(tmp_path / 'nope.ckpt'), str(tmp_path))
+    assert resolve_resume(None, str(tmp_path)) is None
