@@ -23,7 +23,7 @@ compilation of the kernels' variants).
 shapes: a smoke test of this script where there is no GPU (timings then mean nothing).
 
     python tools/check_gpu.py                      # on a CUDA machine
-    python tools/check_gpu.py --interpret          # anywhere, ~1-2 minutes
+    python tools/check_gpu.py --interpret          # anywhere: ~1 min of CPU time
 """
 from __future__ import annotations
 

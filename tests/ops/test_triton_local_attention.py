@@ -261,6 +261,20 @@ def test_kernels_compile_for_sm90_without_spills(head_dim, io, compute):
     assert usage['STACK'] == 0, usage
 
 
+@pytest.mark.slow
+def test_check_gpu_script_runs_under_the_interpreter():
+    """tools/check_gpu.py --interpret: every section runs and passes (~1 min of CPU)."""
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
+    env.pop('TRITON_INTERPRET', None)  # the script's flag must set it by itself
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'check_gpu.py'),
+                           '--interpret'], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=1800)
+    assert proc.returncode == 0, f'{proc.stdout}\n{proc.stderr}'
+    for section in ('## 1. triton vs unfold', '## 2. forward+backward', '## 3. half precision'):
+        assert section in proc.stdout
+    assert 'FAIL' not in proc.stdout and proc.stdout.rstrip().endswith('ALL PASS')
+
+
 if __name__ == '__main__':
     if sys.argv[1:] != ['--child']:
         sys.exit('usage: TRITON_INTERPRET=1 python tests/ops/test_triton_local_attention.py '
