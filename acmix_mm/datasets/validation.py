@@ -223,6 +223,9 @@ def describe_dataset(dataset: Any) -> str:
     return f'{type(dataset).__name__}({", ".join(fields)})'
 
 
+_NOT_LOADED = object()
+
+
 def build_dataset(dataset_cfg: Mapping[str, Any], where: str) -> Any:
     """Build and fully initialise a dataset config; an empty dataset raises naming its files.
 
@@ -255,10 +258,13 @@ def build_dataset(dataset_cfg: Mapping[str, Any], where: str) -> Any:
         cfg['lazy_init'] = True
     dataset = ROOT_DATASETS.build(cfg)
     if lazy and hasattr(dataset, 'full_init'):
+        # full_init replaces data_list once load_data_list returns: the marker tells an empty list
+        # (numpy fails serialising it) from an error while loading, which must pass unchanged.
+        dataset.data_list = _NOT_LOADED
         try:
             dataset.full_init()
         except ValueError:
-            if getattr(dataset, 'data_list', None) == []:
+            if isinstance(dataset.data_list, list) and not dataset.data_list:
                 raise ValueError(_empty_message(dataset, where)) from None
             raise
     validate_dataset(dataset, where)

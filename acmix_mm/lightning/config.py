@@ -184,7 +184,7 @@ def iter_metric_cfgs(evaluator_cfg: Any) -> Iterable[dict]:
 # ----------------------------------------------------------------------------- lightning section
 # What the ``lightning=dict(...)`` section may hold (trainer.py and module.py read it).
 LIGHTNING_KEYS = ('accelerator', 'devices', 'num_nodes', 'strategy', 'precision', 'find_unused_parameters',
-                  'nan_policy', 'sync_bn', 'log_every_n_steps', 'num_sanity_val_steps',
+                  'nan_policy', 'per_sample_seed', 'sync_bn', 'log_every_n_steps', 'num_sanity_val_steps',
                   'enable_progress_bar', 'checkpoint', 'loggers', 'trainer_kwargs')
 CHECKPOINT_KEYS = ('save_last', 'save_top_k', 'monitor', 'mode')
 ACCELERATORS = ('auto', 'cpu', 'gpu', 'cuda', 'mps', 'tpu')
@@ -263,7 +263,7 @@ def check_lightning_section(section: Any) -> Dict[str, Any]:
         raise ValueError(f'lightning.num_nodes must be an int >= 1, got {section["num_nodes"]!r}')
     if section.get('precision') is not None:
         _check_choice('precision', str(section['precision']), PRECISIONS)
-    for key in ('find_unused_parameters', 'enable_progress_bar'):
+    for key in ('find_unused_parameters', 'enable_progress_bar', 'per_sample_seed'):
         if key in section:
             _check_type(key, section[key], (bool,), 'True or False')
     if 'nan_policy' in section:
