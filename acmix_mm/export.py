@@ -15,24 +15,36 @@ The input ``x`` is the *preprocessed* image batch (B, 3, H, W), float32: mean/st
 (and BGR->RGB swapped) as the config's ``data_preprocessor`` does; the exported file records
 that normalisation in its metadata (``acmix_mm.mean``, ``acmix_mm.std``, ``acmix_mm.bgr_to_rgb``).
 
-Exporter: torch's TorchScript exporter (``torch.onnx.export(..., dynamo=False)``). Why:
+Exporters (``exporter=``): torch 2.13 has two, and both export our graphs.
 
-- ACMix's default attention path ('lean') is a custom ``torch.autograd.Function`` with an
-  in-place offset loop; the TorchScript exporter cannot export it (no symbolic), and the
-  dynamo exporter (``dynamo=True``, torch.export + onnxscript) unrolls it into a graph
-  three times larger after many minutes. The reference 'unfold' path (index_select, slicing,
-  stack, softmax) exports with both, and computes the same function (to float rounding), so
-  every :class:`~acmix_mm.ops.ACMix` is switched to ``attn_impl='unfold'`` during the export
-  (:func:`exportable_attention`) and switched back afterwards.
-- The TorchScript exporter writes one self-contained file; with the unfold path it exports
-  the demo backbone in about 20 s where the dynamo exporter took minutes.
+- ``'torchscript'`` (default; ``torch.onnx.export(..., dynamo=False)``, marked legacy in
+  torch 2.13 but maintained): traces the model. Exports the demo backbone (5 ACMix layers) in
+  about 10 s of CPU; the graph is large (6,409 nodes) because every window offset is a slice.
+- ``'dynamo'`` (``dynamo=True``: torch.export + onnxscript + onnx optimiser): a smaller graph
+  (1,339 nodes for the same backbone, about 1.5x faster on onnxruntime), but the export took
+  about 2 minutes of CPU for that backbone (over 10x the TorchScript exporter), mostly in the
+  onnx optimiser; it needs ``onnxscript``.
+
+ACMix's fast attention kernels ('cpp', a torch custom op; 'triton'; 'lean', a custom
+``torch.autograd.Function`` with an in-place offset loop) have no ONNX translation: the
+TorchScript exporter fails on 'lean' ("Argument passed to at() was not in the map"), and the
+dynamo exporter unrolls its loop into a 3.4x larger graph. The reference 'unfold' path
+(index_select, slicing, stack, softmax) exports with both and computes the same function (to
+float rounding), so every :class:`~acmix_mm.ops.ACMix` is switched to ``attn_impl='unfold'``
+during the export (:func:`exportable_attention`) and switched back afterwards.
+(``attn_impl='auto'`` also resolves to 'unfold' under export; the explicit switch covers
+models built with an explicit impl.)
 
 Fixed input size: the reflection-padding index tables, the attention's coordinate maps
 (``linspace`` over the map) and, for Swin, the window padding and shift masks are computed
 from the map's size in Python, so the tracer records them as constants for the example's
 H x W. The exported model therefore accepts exactly the (B, 3, H, W) it was exported at
 (onnxruntime refuses other sizes with "Got invalid dimensions"); export once per input size
-(mmdet pads images to a multiple of 32, so e.g. 800 x 1344 for 800 x 1333 inputs).
+(mmdet pads images to a multiple of 32, so e.g. 800 x 1344 for 800 x 1333 inputs). With the
+TorchScript exporter, ``dynamic_axes`` on H, W gives a file that fails at any other size (a
+Reshape reads a baked-in size); the dynamo exporter with dynamic H, W did not finish in 15
+minutes on this machine. Hence fixed-size files; making the index computation shape-generic
+is future work.
 """
 from __future__ import annotations
 
@@ -49,17 +61,18 @@ import torch
 from torch import nn
 
 __all__ = [
-    'PARTS', 'DEFAULT_OPSET', 'OPSET_RANGE', 'TOLERANCE', 'ExportError', 'ParityReport',
+    'PARTS', 'EXPORTERS', 'DEFAULT_OPSET', 'OPSET_RANGE', 'TOLERANCE', 'ExportError', 'ParityReport',
     'exportable_attention', 'flatten_outputs', 'FlatOutputs', 'check_exportable_model',
     'build_export_target', 'ExportTarget', 'export_onnx', 'run_onnxruntime', 'compare_outputs',
     'default_shape', 'check_shape',
 ]
 
 PARTS = ('backbone', 'model')
-# The TorchScript exporter of torch 2.13 writes opsets 7..20; below 11 it lacks the Gather /
-# Softmax semantics the graph relies on (and mmdet/mmseg heads), so 11 is the floor here.
-OPSET_RANGE = (11, 20)
-DEFAULT_OPSET = 17
+EXPORTERS = ('torchscript', 'dynamo')
+# Opsets each exporter writes: torch 2.13's TorchScript exporter 7..20 (11 is the floor here:
+# older Softmax/Gather semantics), its dynamo exporter 18..23 (onnxscript's functions).
+OPSET_RANGE = {'torchscript': (11, 20), 'dynamo': (18, 23)}
+DEFAULT_OPSET = {'torchscript': 17, 'dynamo': 18}
 # --check fails above this difference (relative to max(1, the output's largest magnitude)).
 TOLERANCE = 1e-4
 DEFAULT_DET_SHAPE = (800, 1344)  # 800 x 1333 padded to mmdet's pad_size_divisor of 32
@@ -75,7 +88,7 @@ class ExportError(ValueError):
 def exportable_attention(model: nn.Module) -> Iterator[int]:
     """Switch every :class:`acmix_mm.ops.ACMix` in ``model`` to ``attn_impl='unfold'``.
 
-    The default 'lean' path is a custom autograd Function the exporters cannot translate;
+    The fast paths ('cpp' custom op, 'triton', 'lean' autograd Function) do not export;
     'unfold' computes the same attention with index_select, slicing, stack and softmax, which
     export. Yields the number of ACMix modules switched; restores their settings on exit.
     """
@@ -170,7 +183,9 @@ def check_exportable_model(model: nn.Module) -> Tuple[str, ...]:
     (``seg_logits``). Two-stage detectors (Mask R-CNN, Cascade) are refused: their tensor mode
     runs the RPN's proposal selection (score top-k, box filtering with Python branches on the
     data, mmcv's NMS) before RoIAlign, and a traced export freezes those data-dependent
-    decisions at the example input, so the file would be silently wrong on other images.
+    decisions at the example input, so the file would be silently wrong on other images; and
+    in mmdet 3.3.0 the export fails anyway: under ONNX export ``DeltaXYWHBBoxCoder`` (the RPN's
+    box decoding) imports ``mmdet.core.export``, a module mmdet 3 no longer has.
     """
     try:
         from mmdet.models.detectors import SingleStageDetector, TwoStageDetector
@@ -186,7 +201,9 @@ def check_exportable_model(model: nn.Module) -> Tuple[str, ...]:
             f'--part model cannot export the two-stage detector {name}: its tensor mode runs '
             'the RPN proposal selection (top-k, box filtering with Python branches on the data, '
             "mmcv's NMS) before RoIAlign, which a traced ONNX export freezes at the example "
-            'input (a silently wrong graph). Export --part backbone, or use mmdeploy for the '
+            'input (a silently wrong graph); mmdet 3.3.0\'s box coder also fails under ONNX '
+            'export (it imports mmdet.core.export, gone in mmdet 3). Export --part backbone, '
+            'or use mmdeploy for the '
             'whole detector. Exportable models: mmdet single-stage detectors (e.g. RetinaNet) '
             'and mmseg encoder-decoders (e.g. Semantic FPN, UperNet).')
     if SingleStageDetector and isinstance(model, SingleStageDetector):
@@ -219,12 +236,19 @@ def check_shape(shape: Sequence[Any]) -> Tuple[int, int]:
     return out[0], out[1]
 
 
-def check_opset(opset: Any) -> int:
-    """``opset`` if it is an int in :data:`OPSET_RANGE`, else an ExportError."""
-    low, high = OPSET_RANGE
+def check_exporter(exporter: Any) -> str:
+    """``exporter`` if it is one of :data:`EXPORTERS`, else an ExportError."""
+    if exporter not in EXPORTERS:
+        raise ExportError(f'exporter must be one of {EXPORTERS}, got {exporter!r}')
+    return exporter
+
+
+def check_opset(opset: Any, exporter: str = 'torchscript') -> int:
+    """``opset`` if it is an int in ``OPSET_RANGE[exporter]``, else an ExportError."""
+    low, high = OPSET_RANGE[check_exporter(exporter)]
     if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
-        raise ExportError(f'opset must be an int in [{low}, {high}] (the TorchScript exporter '
-                          f'writes up to {high}), got {opset!r}')
+        raise ExportError(f'opset must be an int in [{low}, {high}] for the {exporter} '
+                          f'exporter, got {opset!r}')
     return opset
 
 
@@ -233,7 +257,7 @@ class ExportTarget:
     """What to export: the module, its example input and the file's metadata.
 
     Attributes:
-        module: a :class:`FlatOutputs` in eval mode (default attention path).
+        module: a :class:`FlatOutputs` in eval mode (the model's own attention paths).
         inputs: (B, 3, H, W) float32 example input (seeded normal: preprocessed images).
         output_names: one per flat output.
         metadata: string key/values written into the ONNX file (``acmix_mm.*``).
@@ -360,9 +384,9 @@ def build_export_target(cfg: Any, part: str, checkpoint: Optional[str] = None,
 
 # --------------------------------------------------------------------------- export
 def export_onnx(module: nn.Module, inputs: torch.Tensor, path: str,
-                output_names: Sequence[str], opset: int = DEFAULT_OPSET,
+                output_names: Sequence[str], opset: Optional[int] = None,
                 metadata: Optional[Dict[str, str]] = None,
-                verify: Optional[Any] = None) -> int:
+                verify: Optional[Any] = None, exporter: str = 'torchscript') -> int:
     """Export ``module(inputs)`` to the ONNX file ``path``, written atomically.
 
     Every ACMix is switched to the exportable attention path for the export only. The file is
@@ -376,16 +400,19 @@ def export_onnx(module: nn.Module, inputs: torch.Tensor, path: str,
         inputs: the example input (B, 3, H, W); the file accepts exactly this shape.
         path: the .onnx file to write (its folder is created).
         output_names: names of the graph outputs, one per tensor.
-        opset: ONNX opset in :data:`OPSET_RANGE`.
+        opset: ONNX opset in ``OPSET_RANGE[exporter]``; None: ``DEFAULT_OPSET[exporter]``.
         metadata: string key/values for the model's ``metadata_props``.
         verify: called with the temporary file's path before it is renamed; raise to abort.
+        exporter: ``'torchscript'`` (default: ~10x faster to export on our graphs) or
+            ``'dynamo'`` (torch.export + onnxscript; a 4-5x smaller graph, minutes to export).
 
     Returns:
-        The number of ACMix modules exported through the 'unfold' path.
+        (the number of ACMix modules exported through the 'unfold' path, the opset written).
     """
     import onnx
 
-    check_opset(opset)
+    check_exporter(exporter)
+    opset = DEFAULT_OPSET[exporter] if opset is None else check_opset(opset, exporter)
     path = os.path.abspath(os.fspath(path))
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
@@ -402,14 +429,19 @@ def export_onnx(module: nn.Module, inputs: torch.Tensor, path: str,
             warnings.simplefilter('ignore', FutureWarning)
             warnings.simplefilter('ignore', UserWarning)
             try:
-                torch.onnx.export(module, (inputs,), tmp, dynamo=False, opset_version=opset,
-                                  input_names=['input'], output_names=list(output_names),
-                                  do_constant_folding=True)
+                if exporter == 'torchscript':
+                    torch.onnx.export(module, (inputs,), tmp, dynamo=False, opset_version=opset,
+                                      input_names=['input'], output_names=list(output_names),
+                                      do_constant_folding=True)
+                else:  # one self-contained file, static shapes (see the module docstring)
+                    torch.onnx.export(module, (inputs,), tmp, dynamo=True, opset_version=opset,
+                                      input_names=['input'], output_names=list(output_names),
+                                      external_data=False, optimize=True, verbose=False)
             except Exception as err:  # the exporter's messages can hold a whole graph dump
                 message = str(err)
                 if len(message) > 2000:
                     message = message[:2000] + ' ...'
-                raise ExportError(f'torch.onnx.export (TorchScript exporter, opset {opset}) '
+                raise ExportError(f'torch.onnx.export ({exporter} exporter, opset {opset}) '
                                   f'failed: {type(err).__name__}: {message}') from None
         proto = onnx.load(tmp)
         if metadata:
@@ -422,7 +454,7 @@ def export_onnx(module: nn.Module, inputs: torch.Tensor, path: str,
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return n_acmix
+    return n_acmix, opset
 
 
 # --------------------------------------------------------------------------- parity

@@ -1,7 +1,8 @@
 """Export an ACMix config's backbone or tensor-mode model to ONNX, optionally checked on onnxruntime.
 
     .venv/bin/python tools/export_onnx.py CONFIG [CKPT] --part backbone|model [--shape H W]
-        [--batch B] [--out FILE] [--opset N] [--check] [--seed S] [--cfg-options KEY=VALUE ...]
+        [--batch B] [--out FILE] [--opset N] [--exporter torchscript|dynamo] [--check] [--seed S]
+        [--cfg-options KEY=VALUE ...]
 
 - ``--part backbone``: outputs ``feat0..`` = the backbone's ``out_indices`` feature maps.
 - ``--part model``: ``model(x, mode='tensor')`` = backbone + neck + head without
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 def parse_args(argv=None) -> argparse.Namespace:
     from mmengine.config import DictAction
 
-    from acmix_mm.export import DEFAULT_OPSET, OPSET_RANGE, PARTS
+    from acmix_mm.export import DEFAULT_OPSET, EXPORTERS, OPSET_RANGE, PARTS
 
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('config', help='an mmdet or mmseg config file')
@@ -50,9 +51,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--batch', type=int, default=1, help='batch size of the export (1)')
     parser.add_argument('--out', help='output .onnx file (default: work_dirs/onnx/'
                                       '<config>_<part>_<H>x<W>.onnx)')
-    parser.add_argument('--opset', type=int, default=DEFAULT_OPSET,
-                        help=f'ONNX opset, {OPSET_RANGE[0]}..{OPSET_RANGE[1]} '
-                             f'(default {DEFAULT_OPSET})')
+    parser.add_argument('--opset', type=int, default=None,
+                        help='ONNX opset: ' + '; '.join(
+                            f'{e} {OPSET_RANGE[e][0]}..{OPSET_RANGE[e][1]} (default '
+                            f'{DEFAULT_OPSET[e]})' for e in EXPORTERS))
+    parser.add_argument('--exporter', default='torchscript', choices=EXPORTERS,
+                        help='torchscript (default, fast to export) or dynamo (torch.export: '
+                             'smaller graph, minutes to export)')
     parser.add_argument('--check', action='store_true',
                         help='compare onnxruntime with PyTorch; exit 1 above 1e-4')
     parser.add_argument('--seed', type=int, default=0,
@@ -78,7 +83,8 @@ def main(argv=None) -> int:
             raise ExportError(f'config file not found: {config}')
         if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
             raise ExportError(f'checkpoint file not found: {args.checkpoint}')
-        check_opset(args.opset)
+        opset = DEFAULT_OPSET[args.exporter] if args.opset is None else args.opset
+        check_opset(opset, args.exporter)
         cfg = Config.fromfile(str(config))
         if args.cfg_options:
             cfg.merge_from_dict(args.cfg_options)
@@ -109,8 +115,9 @@ def main(argv=None) -> int:
                 print(f'parity check PASSED (<= {TOLERANCE:g})')
 
         start = time.perf_counter()
-        n_acmix = export_onnx(target.module, target.inputs, out, target.output_names,
-                              opset=args.opset, metadata=target.metadata, verify=verify)
+        n_acmix, opset = export_onnx(target.module, target.inputs, out, target.output_names,
+                                     opset=opset, metadata=target.metadata, verify=verify,
+                                     exporter=args.exporter)
     except ExportError as err:
         print(f'error: {err}', file=sys.stderr)
         return 1 if failure else 2
@@ -118,9 +125,11 @@ def main(argv=None) -> int:
         print(f'error: {type(err).__name__}: {err}', file=sys.stderr)
         return 2
     batch = target.inputs.shape[0]
-    print(f'wrote {out} ({os.path.getsize(out) / 2**20:.1f} MiB, opset {args.opset}, '
-          f'{time.perf_counter() - start:.1f} s; {n_acmix} ACMix layers exported through the '
-          "'unfold' attention path)")
+    via = (f"; {n_acmix} ACMix layers exported through the 'unfold' attention path"
+           if n_acmix else '')
+    print(f'wrote {out} ({os.path.getsize(out) / 2**20:.1f} MiB, {args.exporter} exporter, '
+          f'opset {opset}, '
+          f'{time.perf_counter() - start:.1f} s{via})')
     print(f'input  "input" ({batch}, 3, {height}, {width}) float32, preprocessed '
           f'(mean/std in the metadata); FIXED size: export again for another size or batch')
     for name, tensor in zip(target.output_names, reference):
