@@ -88,6 +88,22 @@ def _child() -> None:
         errors['deterministic'] = all(torch.equal(a, b) for a, b in zip(grads, grads2))
         print(json.dumps({'case': name, 'value': errors}), flush=True)
 
+    # Saved for backward beyond the inputs: the output, the log-sum-exp and index tables only.
+    ops = _operands((1, 4), 16, 16, 8, 8, 1, 'float32', 'acmix')
+    ins = [x.detach().requires_grad_(True) for x in ops[:4]] + ops[4:]
+    input_storages = {x.untyped_storage().data_ptr() for x in ins}
+    saved = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in input_storages:
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = triton_local_attention(*ins, 7, 1, 1, 0.25)
+    print(json.dumps({'case': '_saved', 'value': {
+        'saved': sum(saved.values()), 'out': out.numel() * 4, 'lse': 4 * 8 * 8 * 4}}), flush=True)
+
     # torch.compile around the kernel: dynamo must break the graph there, not trace into it.
     ops = _operands((1, 2), 4, 3, 5, 6, 1, 'float32', 'contiguous')
     ins = [x.detach().requires_grad_(True) for x in ops[:4]]
@@ -118,6 +134,12 @@ def interpreted() -> Dict[str, object]:
 
 def test_available_under_interpreter(interpreted):
     assert interpreted['_available'] is True
+
+
+def test_saves_only_output_and_logsumexp(interpreted):
+    """No (..., kernel**2, H, W) attention weights are kept: out + lse + index tables (<1 KB)."""
+    sizes = interpreted['_saved']
+    assert 0 <= sizes['saved'] - sizes['out'] - sizes['lse'] < 1024, sizes
 
 
 def test_torch_compile_breaks_the_graph_around_the_kernels(interpreted):
