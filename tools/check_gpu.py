@@ -353,8 +353,9 @@ def check_half(device, interpret: bool) -> bool:
                   f'| {"PASS" if ok else "FAIL"} |')
     # The kernel itself on half inputs (computed in float32 inside).
     for dtype in dtypes:
-        ops = make_operands((1, 2) if interpret else (2, 4), 16, 16, *((4, 5) if interpret else (9, 13)),
-                            1, torch.float32, device, amplitude=60.0)
+        hw = (4, 5) if interpret else (9, 13)
+        ops = make_operands((1, 2) if interpret else (2, 4), 16, 16, *hw, 1, torch.float32, device,
+                            amplitude=60.0)
         ref_in = [o.to(dtype).to(torch.float64) for o in ops]  # same rounded values
         ins = [o.to(dtype) for o in ops]
         ins = [t.requires_grad_(True) if i < 4 else t for i, t in enumerate(ins)]

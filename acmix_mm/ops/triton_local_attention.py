@@ -43,6 +43,7 @@ it then runs the kernels on CPU tensors with numpy, slowly: for tests only).
 from __future__ import annotations
 
 import functools
+import os
 from typing import Tuple
 
 import torch
@@ -52,14 +53,25 @@ from .local_attention import _check_operands, reflect_index
 try:  # Triton is optional: only the CUDA fast path needs it.
     import triton
     import triton.language as tl
-    from triton import knobs as _knobs
-    # Read once: triton.jit decides at decoration (import) time between the compiler and the
-    # interpreter, so a later change of TRITON_INTERPRET does not affect these kernels.
-    _INTERPRET = bool(_knobs.runtime.interpret)
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
-    _INTERPRET = False
+
+
+def _interpreting() -> bool:
+    """Whether triton.jit makes interpreter kernels now (TRITON_INTERPRET, as Triton reads it)."""
+    if triton is None:
+        return False
+    try:
+        from triton import knobs  # Triton >= 3.4
+        return bool(knobs.runtime.interpret)
+    except ImportError:  # older Triton reads the variable directly
+        return os.environ.get('TRITON_INTERPRET', '0').lower() in ('1', 'true', 'on', 'yes')
+
+
+# Read once: triton.jit decides at decoration (import) time between the compiler and the
+# interpreter, so a later change of TRITON_INTERPRET does not affect these kernels.
+_INTERPRET = _interpreting()
 
 __all__ = ['triton_available', 'triton_local_attention', 'TRITON_DTYPES']
 

@@ -36,7 +36,8 @@ CASES: Dict[str, tuple] = {
     'float64': ((1, 2), 3, 2, 4, 5, 3, 1, 1, 'float64', 'contiguous'),
     'float16': ((1, 2), 4, 4, 4, 5, 3, 1, 1, 'float16', 'contiguous'),
 }
-TOLERANCE = {'float32': 1e-5, 'float64': 1e-12, 'float16': 5e-3}  # fp16 rounding of values of size ~2
+# float16: the output and gradients (values up to ~2) are rounded to half precision.
+TOLERANCE = {'float32': 1e-5, 'float64': 1e-12, 'float16': 5e-3}
 
 
 def _operands(lead, d, dv, h, w, stride, dtype, layout, seed=0) -> List[torch.Tensor]:
@@ -243,8 +244,8 @@ def _compile_sm90(fn, io: str, compute: str, constexprs: Dict[str, object], num_
         else:
             signature[name] = 'i32'
     kernel = triton.compile(ASTSource(fn, signature, constexprs),
-                            target=GPUTarget('cuda', 90, 32), options={'num_warps': num_warps,
-                                                                 'enable_fp_fusion': True})
+                            target=GPUTarget('cuda', 90, 32),
+                            options={'num_warps': num_warps, 'enable_fp_fusion': True})
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin',
                              'cuobjdump')
     with tempfile.TemporaryDirectory() as tmp:
