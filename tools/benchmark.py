@@ -272,6 +272,16 @@ def attn_impls_in(module: nn.Module) -> Dict[str, int]:
     return counts
 
 
+def resolved_auto(device: torch.device) -> str:
+    """The kernel ``attn_impl='auto'`` picks for float32 activations on ``device``."""
+    try:
+        from acmix_mm.ops.local_attention import resolve_attn_impl
+    except ImportError:  # an operator that resolves 'auto' at construction
+        from acmix_mm.ops import ACMix
+        return ACMix(4, 4, head=1, attn_impl='auto').attn_impl
+    return resolve_attn_impl('auto', torch.empty(0, device=device))
+
+
 def build_subject(label: str, name: str, args: argparse.Namespace,
                   device: torch.device) -> Subject:
     """Build the model (or backbone) of config ``name`` and its batch, on ``device``."""
@@ -313,8 +323,10 @@ def build_subject(label: str, name: str, args: argparse.Namespace,
                      else 'no ACMix layers')
     else:
         impls = attn_impls_in(module)
-        if impls:  # what the config built ('auto' resolves inside acmix_mm.ops)
+        if impls:  # what the config built
             notes.append('ACMix attn_impl ' + ', '.join(f'{k} x{v}' for k, v in impls.items()))
+    if 'auto' in attn_impls_in(module):
+        notes.append(f"auto = {resolved_auto(device)} here")
     module.to(device)
     preprocessor.to(device)
     if args.channels_last:
