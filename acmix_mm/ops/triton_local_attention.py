@@ -425,6 +425,7 @@ class _TritonLocalAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the backward kernels are not differentiable
     def backward(ctx, grad_out):
         (q, k, v, q_pos, out, lse, rows, cols, cx, cy, scale_t, inv_rows,
          inv_cols) = ctx.saved_tensors

@@ -35,9 +35,10 @@ CASES: Dict[str, tuple] = {
     'acmix_views_stride2': ((2, 2), 4, 4, 5, 6, 3, 1, 2, 'float32', 'acmix'),
     'float64': ((1, 2), 3, 2, 4, 5, 3, 1, 1, 'float64', 'contiguous'),
     'float16': ((1, 2), 4, 4, 4, 5, 3, 1, 1, 'float16', 'contiguous'),
+    'bfloat16': ((2,), 4, 3, 3, 4, 3, 1, 2, 'bfloat16', 'contiguous'),
 }
-# float16: the output and gradients (values up to ~2) are rounded to half precision.
-TOLERANCE = {'float32': 1e-5, 'float64': 1e-12, 'float16': 5e-3}
+# Half precision: the output and gradients (values up to ~2) are rounded to 11 / 8 bits.
+TOLERANCE = {'float32': 1e-5, 'float64': 1e-12, 'float16': 5e-3, 'bfloat16': 4e-2}
 
 
 def _operands(lead, d, dv, h, w, stride, dtype, layout, seed=0) -> List[torch.Tensor]:
@@ -67,8 +68,8 @@ def _child() -> None:
     print(json.dumps({'case': '_available', 'value': triton_available()}), flush=True)
     for name, (lead, d, dv, h, w, kernel, dil, stride, dtype, layout) in CASES.items():
         ops = _operands(lead, d, dv, h, w, stride, dtype, layout)
-        # The reference runs in float64 for the half case (the kernel computes in fp32).
-        ref_ops = [x.double() if dtype == 'float16' else x for x in ops]
+        # The reference runs in float64 for the half cases (the kernel computes in fp32).
+        ref_ops = [x.double() if dtype in ('float16', 'bfloat16') else x for x in ops]
         ins = [x.detach().requires_grad_(True) for x in ops[:4]] + ops[4:]
         ref_ins = [x.detach().requires_grad_(True) for x in ref_ops[:4]] + ref_ops[4:]
         out = triton_local_attention(*ins, kernel, dil, stride, 0.7)
