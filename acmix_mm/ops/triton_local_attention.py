@@ -36,6 +36,9 @@ float64); all of q, k, v, q_pos and the coordinates must share the dtype and the
 Any strides are accepted for the (up to two trailing) leading dims, channels and pixels, so
 ACMix's q / k / v, which are permuted, strided views of one projection, are read in place.
 
+Under ``torch.compile`` the call is a graph break (the kernels run eagerly). Selecting this
+implementation for ACMix (``attn_impl``) is :mod:`acmix_mm.ops.local_attention`'s business.
+
 Availability: Triton must be importable, and either CUDA present or Triton's interpreter
 enabled (``TRITON_INTERPRET=1`` in the environment *before* this module is first imported;
 it then runs the kernels on CPU tensors with numpy, slowly: for tests only).
@@ -48,7 +51,9 @@ from typing import Tuple
 
 import torch
 
-from .local_attention import _check_operands, reflect_index
+# The module, not its names: local_attention may import this module at its top (to dispatch
+# impl='triton'); attributes are looked up at call time, so the circular import is harmless.
+from . import local_attention as _reference
 
 try:  # Triton is optional: only the CUDA fast path needs it.
     import triton
@@ -340,7 +345,7 @@ def _tables(size: int, pad: int, device: str) -> Tuple[torch.Tensor, torch.Tenso
     ``inverse[i, :n_i]`` are the padded positions that read pixel ``i`` (ascending), the rest
     -1; ``max_count`` is the largest ``n_i``. Cached: ACMix calls this with the same few sizes.
     """
-    rows = reflect_index(size, pad)  # on CPU: built once per size
+    rows = _reference.reflect_index(size, pad)  # on CPU: built once per size
     counts = torch.bincount(rows, minlength=size)
     max_count = int(counts.max())
     order = torch.argsort(rows, stable=True)
@@ -513,7 +518,7 @@ def triton_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if triton is None:
         raise RuntimeError('triton_local_attention: triton is not installed (pip install triton); '
                            "use impl='lean' instead")
-    _check_operands(q, k, v, q_pos, coord_x, coord_y, kernel, dilation, stride)
+    _reference._check_operands(q, k, v, q_pos, coord_x, coord_y, kernel, dilation, stride)
     tensors = {'q': q, 'k': k, 'v': v, 'q_pos': q_pos, 'coord_x': coord_x, 'coord_y': coord_y}
     if q.dtype not in TRITON_DTYPES:
         raise ValueError(f'triton_local_attention: dtype must be one of {TRITON_DTYPES}, got '
