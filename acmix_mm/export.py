@@ -61,7 +61,8 @@ import torch
 from torch import nn
 
 __all__ = [
-    'PARTS', 'EXPORTERS', 'DEFAULT_OPSET', 'OPSET_RANGE', 'TOLERANCE', 'ExportError', 'ParityReport',
+    'PARTS', 'EXPORTERS', 'DEFAULT_OPSET', 'OPSET_RANGE', 'TOLERANCE', 'ExportError',
+    'ParityReport',
     'exportable_attention', 'flatten_outputs', 'FlatOutputs', 'check_exportable_model',
     'build_export_target', 'ExportTarget', 'export_onnx', 'run_onnxruntime', 'compare_outputs',
     'default_shape', 'check_shape',

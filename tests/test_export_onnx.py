@@ -10,27 +10,28 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+import onnx  # requirements/tests.txt: onnx, onnxruntime (and onnxscript for --exporter dynamo)
 import pytest
 import torch
 from mmengine.config import Config
 
-onnx = pytest.importorskip('onnx')  # the optional 'export' dependencies
-ort = pytest.importorskip('onnxruntime')
-
-from acmix_mm import export as E  # noqa: E402
-from acmix_mm.ops import ACMix  # noqa: E402
+from acmix_mm import export as E
+from acmix_mm.ops import ACMix
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DET = REPO / 'configs/demo/maskrcnn_acmix-r26-slim_shapes-coco.py'
 DEMO_SEG = REPO / 'configs/demo/semfpn_acmix-r26-slim_shapes-ade.py'
 RETINANET = REPO / 'configs/acmix_resnet/retinanet_acmix-r50_fpn_1x_coco.py'
 SWIN = REPO / 'configs/acmix_swin/mask-rcnn_acmix-swin-t-p4-w7_fpn_1x_coco.py'
-# RetinaNet with a slim ResNet-ACMix-26 (ACMix in stages 3-4) and 64-channel neck/head: the
-# config's own detector, small enough for the default test run.
+# RetinaNet with a slim ResNet-ACMix-26 (ACMix in stage 4: the backbone tests cover ACMix's
+# export; this one the detector's tensor mode) and 64-channel neck/head: the config's own
+# detector, small enough for the default test run.
 SLIM_RETINANET = [
     'model.backbone.depth=26', 'model.backbone.base_channels=16',
-    'model.backbone.acmix_stages=(False,False,True,True)', 'model.neck.in_channels=[64,128,256,512]',
-    'model.neck.out_channels=64', 'model.bbox_head.in_channels=64',
+    'model.backbone.acmix_stages=(False,False,False,True)',
+    'model.neck.in_channels=[64,128,256,512]', 'model.neck.out_channels=64',
+    'model.bbox_head.in_channels=64',
     'model.bbox_head.feat_channels=64']
 
 
@@ -107,9 +108,10 @@ def test_swin_backbone_matches_pytorch(tmp_path):
 
 
 def test_retinanet_tensor_mode_via_tool(tmp_path, capsys):
+    """RetinaNet's backbone + FPN + head, batch 2, checked by the tool (--check)."""
     out = tmp_path / 'retinanet.onnx'
-    code = _tool().main([str(RETINANET), '--part', 'model', '--shape', '96', '128', '--out',
-                         str(out), '--check', '--cfg-options', *SLIM_RETINANET])
+    code = _tool().main([str(RETINANET), '--part', 'model', '--shape', '96', '128', '--batch',
+                         '2', '--out', str(out), '--check', '--cfg-options', *SLIM_RETINANET])
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert 'parity check PASSED' in printed
@@ -118,15 +120,21 @@ def test_retinanet_tensor_mode_via_tool(tmp_path, capsys):
     graph = onnx.load(str(out)).graph
     names = [o.name for o in graph.output]
     assert names == [f'cls_score.{i}' for i in range(5)] + [f'bbox_pred.{i}' for i in range(5)]
-    x = torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(3))
     got = E.run_onnxruntime(str(out), x)
-    assert [g.shape for g in got] == (
-        [(1, 720, h, w) for h, w in ((12, 16), (6, 8), (3, 4), (2, 2), (1, 1))]
-        + [(1, 36, h, w) for h, w in ((12, 16), (6, 8), (3, 4), (2, 2), (1, 1))])
+    sizes = ((12, 16), (6, 8), (3, 4), (2, 2), (1, 1))
+    assert [g.shape for g in got] == ([(2, 720, h, w) for h, w in sizes]
+                                      + [(2, 36, h, w) for h, w in sizes])
+    # The two images are computed independently: swapping them swaps the outputs.
+    swapped = E.run_onnxruntime(str(out), x.flip(0))
+    assert all(np.allclose(a[::-1], b, atol=1e-5) for a, b in zip(got, swapped))
 
 
 def test_semantic_fpn_tensor_mode(tmp_path):
+    """mmseg's EncoderDecoder tensor mode: backbone + FPN + FPNHead -> (B, K, H/4, W/4)."""
     cfg = Config.fromfile(str(DEMO_SEG))
+    # ACMix in stage 4 only (the backbone tests cover ACMix's export), to keep the test quick.
+    cfg.merge_from_dict({'model.backbone.acmix_stages': (False, False, False, True)})
     target = E.build_export_target(cfg, 'model', shape=(64, 96))
     assert target.output_names == ['seg_logits']
     path = str(tmp_path / 'semfpn.onnx')
@@ -182,10 +190,12 @@ def test_failed_verify_leaves_no_file(tmp_path):
 
 def test_parity_failure_exits_1_and_writes_nothing(tmp_path, capsys, monkeypatch):
     # A negative tolerance cannot be met: the tool must report the failure and write nothing.
+    # (A backbone without ACMix layers: this tests the tool's failure path, quickly.)
     monkeypatch.setattr(E, 'TOLERANCE', -1.0)
     out = tmp_path / 'backbone.onnx'
     code = _tool().main([str(DEMO_DET), '--part', 'backbone', '--shape', '32', '32', '--out',
-                         str(out), '--check'])
+                         str(out), '--check', '--cfg-options',
+                         'model.backbone.acmix_stages=(False,False,False,False)'])
     captured = capsys.readouterr()
     assert code == 1
     assert 'parity check FAILED' in captured.err and 'not written' in captured.err
@@ -194,7 +204,10 @@ def test_parity_failure_exits_1_and_writes_nothing(tmp_path, capsys, monkeypatch
 
 @pytest.mark.parametrize('argv, message', [
     (['--part', 'model', '--shape', '0', '64'], 'shape H must be a positive int'),
-    (['--part', 'backbone', '--opset', '9'], 'opset must be an int in [11, 20] for the torchscript exporter'),
+    (['--part', 'backbone', '--opset', '9'],
+     'opset must be an int in [11, 20] for the torchscript exporter'),
+    (['--part', 'backbone', '--exporter', 'dynamo', '--opset', '17'],
+     'opset must be an int in [18, 23] for the dynamo exporter'),
     (['--part', 'backbone', '--out', 'model.pt'], "--out must name a .onnx file"),
     (['missing.pth', '--part', 'backbone'], 'checkpoint file not found: missing.pth'),
     (['--part', 'model'], 'cannot export the two-stage detector MaskRCNN'),

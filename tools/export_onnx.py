@@ -1,4 +1,4 @@
-"""Export an ACMix config's backbone or tensor-mode model to ONNX, optionally checked on onnxruntime.
+"""Export an ACMix config's backbone or tensor-mode model to ONNX; optional onnxruntime check.
 
     .venv/bin/python tools/export_onnx.py CONFIG [CKPT] --part backbone|model [--shape H W]
         [--batch B] [--out FILE] [--opset N] [--exporter torchscript|dynamo] [--check] [--seed S]
@@ -72,9 +72,9 @@ def main(argv=None) -> int:
     import torch
     from mmengine.config import Config
 
-    from acmix_mm.export import (TOLERANCE, ExportError, build_export_target, check_opset,
-                                 check_shape, compare_outputs, default_shape, export_onnx,
-                                 run_onnxruntime)
+    from acmix_mm.export import (DEFAULT_OPSET, TOLERANCE, ExportError, build_export_target,
+                                 check_opset, check_shape, compare_outputs, default_shape,
+                                 export_onnx, run_onnxruntime)
 
     failure: dict = {}  # set by the parity check: exit 1 instead of 2
     try:
