@@ -190,6 +190,7 @@ def test_last_good_checkpoint_evaluates_to_finite_metrics(run_name, request, coc
     assert all(math.isfinite(v) for v in metrics.values() if isinstance(v, float))
 
 
+@pytest.mark.slow  # a fresh interpreter: about 15 s of imports; the API test above covers the same path
 def test_tools_test_py_evaluates_the_last_good_checkpoint(nan_run, coco_root, tmp_path):
     config = tmp_path / 'tiny_maskrcnn.py'
     _stock_config(coco_root, tmp_path / 'work').dump(str(config))
@@ -216,6 +217,7 @@ def test_resume_from_the_last_good_checkpoint_api(inf_run, coco_root, tmp_path):
     _assert_all_finite(last['state_dict'], 'resumed last.ckpt')
 
 
+@pytest.mark.slow  # a fresh interpreter; test_resume_from_the_last_good_checkpoint_api runs by default
 def test_resume_from_the_last_good_checkpoint_tools_train_py(nan_run, coco_root, tmp_path):
     work_dir = tmp_path / 'resumed'
     shutil.copytree(nan_run.work_dir, work_dir)
@@ -230,3 +232,25 @@ def test_resume_from_the_last_good_checkpoint_tools_train_py(nan_run, coco_root,
     # many tensors moved, and from the saved values (not from the 6-step run's in-memory ones).
     saved = nan_run.recorder.weights[LAST_GOOD_STEP]
     assert any(not torch.equal(last['state_dict'][k], v) for k, v in saved.items() if v.is_floating_point())
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    'MMLightningModule checks the loss, not the weights: the step-3 update (finite loss) writes '
+    'inf into backbone.conv1.weight, epoch 1 validates and checkpoints it, and only step 4 stops. '
+    'Fix: a finite-weights check in MMLightningModule.on_train_batch_end (module.py). '
+    'Remove this mark with that fix.'))
+def test_enormous_learning_rate_never_lands_nonfinite_weights_in_a_checkpoint(coco_root, tmp_path):
+    cfg = _stock_config(coco_root, tmp_path)
+    # lr 0.01 -> 1e38 from step 3 on, the last step of epoch 1: the loss of step 3 is still
+    # finite, but SGD's update grad * 1e38 overflows float32 in some weights.
+    cfg.param_scheduler = [dict(type='MultiStepLR', by_epoch=False, milestones=[3], gamma=1e40)]
+    with pytest.raises(FloatingPointError) as info:
+        train(cfg, accelerator='cpu')
+    ckpt_dir = tmp_path / 'checkpoints'
+    for path in sorted(ckpt_dir.glob('*.ckpt')):
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+        _assert_all_finite(checkpoint['state_dict'], path.name)
+    # The run stops at the step that broke the weights, before epoch 1's checkpoint.
+    assert set(_ckpt_listing(ckpt_dir)) == {'epoch=0-step=2.ckpt', 'last.ckpt'}
+    assert 'training step 3 (epoch 1, batch 1)' in str(info.value)
+    assert 'backbone.conv1.weight' in str(info.value)
