@@ -185,8 +185,12 @@ class ACMix(nn.Module):
         qkv = F.conv2d(x, *self._qkv_projection())
         out_att = self._attention(qkv)
         out_conv = self._convolution(qkv)
+        # conv_p.bias cancels in the softmax (zero gradient, as in the authors' model); this
+        # exact-zero term keeps it in the graph so that DDP does not flag it as unused. Added
+        # to the scalar rate rather than to the map: no extra pass over the output.
+        rate1 = self.rate1 + 0.0 * self.conv_p.bias.sum()
         # Rates follow the branches' dtype so that autocast outputs stay in half precision.
-        return self.rate1.to(out_att.dtype) * out_att + self.rate2.to(out_conv.dtype) * out_conv
+        return rate1.to(out_att.dtype) * out_att + self.rate2.to(out_conv.dtype) * out_conv
 
     def _qkv_projection(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """conv1/conv2/conv3 as one 1x1 conv: weight (3*C_out, C_in, 1, 1) and bias (3*C_out,).
@@ -214,7 +218,9 @@ class ACMix(nn.Module):
         """
         k2 = self.kernel_conv * self.kernel_conv
         fc_weight = self.fc.weight.view(k2, 3 * self.head)
-        weight = torch.einsum('otyx,tj->ojyx', self.dep_conv.weight, fc_weight)
+        # contiguous: einsum returns a weight with channels-last strides, which makes the
+        # conv copy its (B, 3*C_out, H, W) input (and grads) to channels-last and back.
+        weight = torch.einsum('otyx,tj->ojyx', self.dep_conv.weight, fc_weight).contiguous()
         return F.conv2d(qkv, weight.to(qkv.dtype), None, self.dep_conv.stride,
                         self.dep_conv.padding, self.dep_conv.dilation, self.head_dim)
 
@@ -242,7 +248,4 @@ class ACMix(nn.Module):
         out = local_attention(q, k, v, q_pos, coord_x, coord_y, self.kernel_att, self.dilation,
                               s, scale, impl=self.attn_impl)
         out = out.reshape(b, self.out_channels, *out.shape[-2:])
-        # conv_p.bias cancels in the softmax (zero gradient, as in the authors' model); this
-        # exact-zero term keeps it in the graph so that DDP does not flag it as unused.
-        out = out + 0.0 * self.conv_p.bias.sum()
         return out.to(out_dtype)

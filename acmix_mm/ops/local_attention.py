@@ -322,11 +322,16 @@ def _cpp_setup_context(ctx, inputs, output) -> None:
     # As the lean path: the inputs (views, no copies) and the attention weights.
     ctx.save_for_backward(q, k, v, q_pos, coord_x, coord_y, output[1])
     ctx.geometry = (kernel, dilation, stride, scale)
+    # The weights' gradient is always None: without this autograd would pass a zero-filled
+    # (..., kernel**2, Ho, Wo) tensor to the backward every step.
+    ctx.set_materialize_grads(False)
 
 
 def _cpp_autograd(ctx, grad_out, grad_attn):
     # grad_attn is ignored: the weights are an internal output that callers never see.
     need = tuple(bool(n) for n in ctx.needs_input_grad[:4])
+    if grad_out is None:  # grads are not materialised: None means zero
+        return (None,) * 10
     grads = _cpp_backward(grad_out, *ctx.saved_tensors, *ctx.geometry, *need)
     return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * 6
 
