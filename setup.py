@@ -16,6 +16,8 @@ setup(
     python_requires='>=3.9',
     packages=find_packages(include=['acmix_mm', 'acmix_mm.*']),
     include_package_data=True,
+    # The C++ CPU attention kernel is compiled on first use (torch.utils.cpp_extension.load).
+    package_data={'acmix_mm.ops': ['csrc/*.cpp']},
     # Only what the operator and the backbones need; detection, segmentation and Lightning
     # are extras so that either of mmdet / mmseg can be used alone.
     install_requires=['torch>=2.1', 'numpy', 'mmengine>=0.10.0,<0.11'],
@@ -24,7 +26,10 @@ setup(
                 'terminaltables'],
         'seg': ['mmcv>=2.0.0,<2.2.0', 'mmsegmentation==1.2.2', 'ftfy', 'regex', 'prettytable'],
         'lightning': ['lightning>=2.2', 'tensorboard', 'matplotlib'],
-        'tests': ['pytest', 'yacs'],
+        'export': ['onnx==1.23.2', 'onnxruntime==1.32.0', 'onnxscript==0.7.2'],
+        'triton': ['triton>=3.4'],
+        'tests': ['pytest', 'yacs', 'onnx==1.23.2', 'onnxruntime==1.32.0', 'onnxscript==0.7.2',
+                  'triton>=3.4; platform_system == "Linux"'],
     },
     classifiers=[
         'Programming Language :: Python :: 3',
