@@ -190,69 +190,49 @@ class SeededDataset(Dataset):
         return getattr(self.dataset, name)
 
 
-class _EpochForwarder:
-    """``batch_sampler.sampler`` as Lightning sees it: ``set_epoch`` reaches the wrapper too.
-
-    Lightning calls ``set_epoch`` on ``dataloader.batch_sampler.sampler`` at every epoch start;
-    this forwards the call to the real sampler (and to the wrapped batch sampler if it has one)
-    and records the epoch in :class:`ResumableBatchSampler`. Everything else is the real sampler's.
-    """
-
-    def __init__(self, owner: 'ResumableBatchSampler'):
-        self._owner = owner
-
-    def set_epoch(self, epoch: int) -> None:
-        self._owner.set_epoch(epoch)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._owner.index_sampler, name)
-
-    def __iter__(self):
-        return iter(self._owner.index_sampler)
-
-    def __len__(self) -> int:
-        return len(self._owner.index_sampler)
-
-
 class ResumableBatchSampler(Sampler):
-    """A batch sampler that can skip the first batches of an epoch and seeds every sample.
+    """What a :class:`ResumableDataLoader` iterates: the config's batch sampler, able to skip the
+    first batches of a pass, with every index paired with its sample seed.
 
     Args:
         batch_sampler: the config's batch sampler (torch ``BatchSampler`` over mmengine's
             ``DefaultSampler``, or e.g. mmdet's ``AspectRatioBatchSampler``).
+        index_sampler: the sampler whose ``epoch`` says which epoch a pass is (``DefaultSampler``;
+            Lightning calls its ``set_epoch``). Without an int ``epoch`` attribute, passes are
+            counted instead.
         base_seed: the run's data seed; None: yield plain indices (no per-sample seeding).
 
     Yields lists of ``(index, seed)`` pairs (plain indices when ``base_seed`` is None).
     """
 
-    def __init__(self, batch_sampler: Any, base_seed: Optional[int]):
+    def __init__(self, batch_sampler: Any, index_sampler: Any, base_seed: Optional[int]):
         self.batch_sampler = batch_sampler
+        self.index_sampler = index_sampler
         self.base_seed = base_seed
-        self.index_sampler = getattr(batch_sampler, 'sampler', None)
-        self.epoch = 0
+        self.next_pass = 0  # epoch of the next pass, for samplers without an epoch
         self._skip = 0
+        self._epoch = 0
 
-    @property
-    def sampler(self) -> _EpochForwarder:
-        return _EpochForwarder(self)
+    def pass_epoch(self) -> int:
+        """The epoch of the pass about to start (advances the pass count of epoch-less samplers)."""
+        epoch = getattr(self.index_sampler, 'epoch', None)
+        if isinstance(epoch, (int, np.integer)) and not isinstance(epoch, bool):
+            return int(epoch)
+        epoch, self.next_pass = self.next_pass, self.next_pass + 1
+        return epoch
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        for target in (self.index_sampler, self.batch_sampler):
-            set_epoch = getattr(target, 'set_epoch', None)
-            if callable(set_epoch):
-                set_epoch(epoch)
-
-    def skip_next(self, batches: int) -> None:
-        """Drop the first ``batches`` batches of the next pass (indices only, nothing is loaded)."""
+    def skip_next(self, batches: int, epoch: int) -> None:
+        """Drop the first ``batches`` batches of the next pass, of epoch ``epoch`` (indices only:
+        nothing is loaded)."""
         self._skip = int(batches)
+        self._epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
 
     def __iter__(self) -> Iterator[List[Any]]:
         skip, self._skip = self._skip, 0
-        epoch = self.epoch
+        epoch = self._epoch
         for i, batch in enumerate(self.batch_sampler):
             if i < skip:
                 continue
@@ -286,7 +266,14 @@ class _LazyIterator:
 class ResumableDataLoader(DataLoader):
     """A training DataLoader that Lightning can checkpoint and resume mid-epoch.
 
-    Build it with :meth:`wrap` from the DataLoader mmengine's ``Runner.build_dataloader`` makes.
+    Args: those of ``DataLoader`` (with a ``batch_size`` or a ``batch_sampler``), and
+        index_sampler: the sampler that knows the epoch (default: ``batch_sampler.sampler``);
+        base_seed: the per-sample seed base (the dataset is wrapped in :class:`SeededDataset`);
+            None: no per-sample seeding.
+
+    Usually built with :meth:`wrap` from the DataLoader mmengine's ``Runner.build_dataloader`` makes:
+    ``sampler``, ``batch_sampler``, workers, collate and worker seeding stay what they were; the
+    loader iterates them through a :class:`ResumableBatchSampler` (``resumable_sampler``).
     ``state_dict()`` = ``{'epoch', 'batches', 'base_seed', 'sampler_seed'}``: the epoch, the
     batches of it the loop has taken (counted as they are handed out: Lightning does not prefetch
     from a sized loader), the per-sample seed base and the index sampler's shuffle seed.
@@ -294,56 +281,65 @@ class ResumableDataLoader(DataLoader):
     another epoch is not affected.
     """
 
-    batch_sampler: ResumableBatchSampler
-
     @classmethod
     def wrap(cls, loader: DataLoader, base_seed: Optional[int]) -> 'ResumableDataLoader':
-        """Rebuild ``loader`` (same workers, collate, worker init, ...) as a resumable loader.
+        """Rebuild ``loader`` (same samplers, workers, collate, worker init, ...) as resumable.
 
         Args:
-            loader: a DataLoader with a batch size (it has a ``batch_sampler``).
+            loader: a DataLoader with a batch size or a batch sampler.
             base_seed: the per-sample seed base; None disables per-sample seeding.
         """
         if loader.batch_sampler is None:
             raise ValueError('the training DataLoader has no batch_sampler (batch_size=None); '
                              'resumable training needs batches of indices')
-        dataset = loader.dataset if base_seed is None else SeededDataset(loader.dataset)
         kwargs: Dict[str, Any] = dict(
-            batch_sampler=ResumableBatchSampler(loader.batch_sampler, base_seed),
             num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
             timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
             multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
             persistent_workers=loader.persistent_workers, pin_memory_device=loader.pin_memory_device)
+        if loader.batch_size is not None:  # DataLoader made the BatchSampler itself: again
+            kwargs.update(sampler=loader.sampler, batch_size=loader.batch_size, drop_last=loader.drop_last)
+            index_sampler = loader.sampler
+        else:
+            kwargs.update(batch_sampler=loader.batch_sampler)
+            index_sampler = getattr(loader.batch_sampler, 'sampler', loader.sampler)
         if loader.num_workers > 0:
             kwargs['prefetch_factor'] = loader.prefetch_factor
         if hasattr(loader, 'in_order'):
             kwargs['in_order'] = loader.in_order
-        return cls(dataset, **kwargs)
+        return cls(loader.dataset, index_sampler=index_sampler, base_seed=base_seed, **kwargs)
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(self, dataset: Dataset, *args: Any, index_sampler: Any = None,
+                 base_seed: Optional[int] = None, **kwargs: Any):
+        if base_seed is not None and not isinstance(dataset, SeededDataset):
+            dataset = SeededDataset(dataset)  # the batches hold (index, seed) pairs
+        super().__init__(dataset, *args, **kwargs)
+        if self.batch_sampler is None:
+            raise ValueError('ResumableDataLoader needs batches (batch_size or batch_sampler)')
+        index_sampler = index_sampler if index_sampler is not None else getattr(self.batch_sampler, 'sampler', None)
+        self.resumable_sampler = ResumableBatchSampler(self.batch_sampler, index_sampler, base_seed)
         self.batches_taken = 0   # batches of the current epoch handed to the loop
         self._taken_epoch = 0
         self._pending: Optional[Tuple[int, int]] = None  # (epoch, batches) to skip on resume
         self._user_generator = self.generator
 
     @property
-    def epoch(self) -> int:
-        return self.batch_sampler.epoch
+    def _index_sampler(self):  # what torch's DataLoader iterates and measures (len)
+        return self.resumable_sampler
 
     def __iter__(self) -> _LazyIterator:  # type: ignore[override]
         return _LazyIterator(self)
 
     def _start(self) -> Iterator:
         """Create the real iterator (first batch of a pass): apply a pending skip, draw the seed."""
-        epoch = self.epoch
+        epoch = self.resumable_sampler.pass_epoch()
         skip = 0
         if self._pending is not None:
             pending_epoch, pending_batches = self._pending
             self._pending = None
             if pending_epoch == epoch:
                 skip = pending_batches
-        self.batch_sampler.skip_next(skip)
+        self.resumable_sampler.skip_next(skip, epoch)
         self.batches_taken = skip
         self._taken_epoch = epoch
         # DataLoader draws one number from torch's global generator when it creates an iterator
@@ -353,7 +349,7 @@ class ResumableDataLoader(DataLoader):
         if skip == 0:
             seed = int(torch.empty((), dtype=torch.int64).random_().item())
         else:
-            seed = sample_seed(self.batch_sampler.base_seed or 0, epoch, _LOADER_SEED_INDEX)
+            seed = sample_seed(self.resumable_sampler.base_seed or 0, epoch, _LOADER_SEED_INDEX)
         persistent = self.persistent_workers and self.num_workers > 0
         if not (persistent and self._iterator is not None):  # a new iterator will be created
             self.generator = (self._user_generator if self._user_generator is not None
@@ -361,22 +357,24 @@ class ResumableDataLoader(DataLoader):
         return super().__iter__()
 
     def state_dict(self) -> Dict[str, Any]:
-        sampler = self.batch_sampler.index_sampler
-        sampler_seed = getattr(sampler, 'seed', None)
+        sampler_seed = getattr(self.resumable_sampler.index_sampler, 'seed', None)
         return {'epoch': int(self._taken_epoch), 'batches': int(self.batches_taken),
-                'base_seed': self.batch_sampler.base_seed,
+                'base_seed': self.resumable_sampler.base_seed,
                 'sampler_seed': int(sampler_seed) if isinstance(sampler_seed, (int, np.integer)) else None}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         missing = sorted({'epoch', 'batches'} - set(state))
         if missing:
             raise ValueError(f'the training dataloader state lacks {", ".join(missing)}: {dict(state)!r}')
-        self._pending = (int(state['epoch']), int(state['batches']))
-        if state.get('base_seed') is not None and self.batch_sampler.base_seed is not None:
-            self.batch_sampler.base_seed = int(state['base_seed'])
-        sampler = self.batch_sampler.index_sampler
-        if state.get('sampler_seed') is not None and hasattr(sampler, 'seed'):
-            sampler.seed = int(state['sampler_seed'])
+        epoch, batches = int(state['epoch']), int(state['batches'])
+        self._pending = (epoch, batches)
+        resumable = self.resumable_sampler
+        # Epoch-less samplers: the next pass continues this epoch, or starts the next one.
+        resumable.next_pass = epoch if batches < len(self) else epoch + 1
+        if state.get('base_seed') is not None and resumable.base_seed is not None:
+            resumable.base_seed = int(state['base_seed'])
+        if state.get('sampler_seed') is not None and hasattr(resumable.index_sampler, 'seed'):
+            resumable.index_sampler.seed = int(state['sampler_seed'])
 
 
 class MMDataModule(LightningDataModule):

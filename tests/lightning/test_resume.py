@@ -159,6 +159,30 @@ def test_loader_state_of_another_epoch_skips_nothing():
         loader.load_state_dict({'epoch': 0})
 
 
+def test_loader_keeps_the_config_samplers_and_counts_epochs_without_set_epoch():
+    from torch.utils.data import SequentialSampler
+    loader = _loader()
+    assert isinstance(loader.batch_sampler, BatchSampler) and isinstance(loader.sampler, SequentialSampler)
+    assert isinstance(loader.resumable_sampler.index_sampler, DefaultSampler) and len(loader) == 4
+    # A sampler with no epoch (no set_epoch): passes are counted, each pass is a new epoch.
+    dataset = _RandomDataset()
+    plain = lambda: ResumableDataLoader(dataset, batch_size=4, sampler=SequentialSampler(dataset),  # noqa: E731
+                                        collate_fn=list, base_seed=2)
+    reference = plain()
+    passes = [list(reference) for _ in range(3)]
+    assert passes[0] != passes[1] != passes[2]  # re-augmented each epoch
+    assert [s[0] for s in passes[1][0]] == [0, 1, 2, 3]
+    interrupted = plain()
+    list(interrupted)
+    it = iter(interrupted)
+    taken = [next(it)]
+    resumed = plain()
+    resumed.load_state_dict(interrupted.state_dict())
+    assert interrupted.state_dict()['epoch'] == 1
+    assert taken + list(resumed) == passes[1]
+    assert list(resumed) == passes[2]
+
+
 def test_per_sample_seeding_independent_of_workers_and_history():
     torch.manual_seed(9)
     single = [_epoch(_loader(), e) for e in range(2)]
