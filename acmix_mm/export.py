@@ -22,7 +22,7 @@ Exporters (``exporter=``): torch 2.13 has two, and both export our graphs.
   about 10 s of CPU; the graph is large (6,409 nodes) because every window offset is a slice.
 - ``'dynamo'`` (``dynamo=True``: torch.export + onnxscript + onnx optimiser): a smaller graph
   (1,339 nodes for the same backbone, about 1.5x faster on onnxruntime), but the export took
-  about 2 minutes of CPU for that backbone (over 10x the TorchScript exporter), mostly in the
+  about 140 s of CPU for that backbone (over 10x the TorchScript exporter), mostly in the
   onnx optimiser; it needs ``onnxscript``.
 
 ACMix's fast attention kernels ('cpp', a torch custom op; 'triton'; 'lean', a custom
@@ -39,8 +39,10 @@ models built with an explicit impl.)
 Fixed input size: the reflection-padding index tables, the attention's coordinate maps
 (``linspace`` over the map) and, for Swin, the window padding and shift masks are computed
 from the map's size in Python, so the tracer records them as constants for the example's
-H x W. The exported model therefore accepts exactly the (B, 3, H, W) it was exported at
-(onnxruntime refuses other sizes with "Got invalid dimensions"); export once per input size
+H x W. The exported model therefore accepts exactly the H x W it was exported at
+(onnxruntime refuses other sizes with "Got invalid dimensions"), and the batch size B too
+unless exported with ``dynamic_batch=True`` (TorchScript exporter; the batch dimension is read
+from the input's shape, tested at other batch sizes); export once per input size
 (mmdet pads images to a multiple of 32, so e.g. 800 x 1344 for 800 x 1333 inputs). With the
 TorchScript exporter, ``dynamic_axes`` on H, W gives a file that fails at any other size (a
 Reshape reads a baked-in size); with the dynamo exporter, whose fixed-size export already
@@ -306,7 +308,7 @@ def _load_weights(model: nn.Module, part: str, checkpoint: str) -> str:
 
 def build_export_target(cfg: Any, part: str, checkpoint: Optional[str] = None,
                         shape: Optional[Sequence[int]] = None, batch: int = 1,
-                        seed: int = 0) -> ExportTarget:
+                        seed: int = 0, dynamic_batch: bool = False) -> ExportTarget:
     """Build the config's model (eval, SyncBN reverted), load weights, wrap the part to export.
 
     Args:
@@ -315,8 +317,10 @@ def build_export_target(cfg: Any, part: str, checkpoint: Optional[str] = None,
         checkpoint: a checkpoint file, read safely (weights_only); None: randomly initialised
             weights from ``torch.manual_seed(seed)`` (the modules' default init).
         shape: (H, W) in pixels; None: :func:`default_shape`.
-        batch: the batch size B of the (fixed-size) export.
+        batch: the batch size B of the example input (and of the file, unless dynamic_batch).
         seed: seeds the random init (without ``checkpoint``) and the example input.
+        dynamic_batch: record a dynamic batch dimension in the metadata (pass the same flag to
+            :func:`export_onnx`).
 
     Raises:
         ExportError: bad part/shape/batch, an unsupported config scope or model type.
@@ -347,7 +351,7 @@ def build_export_target(cfg: Any, part: str, checkpoint: Optional[str] = None,
                     else __import__('mmseg.registry', fromlist=['MODELS'])).MODELS
         model_cfg = cfg.model.to_dict() if isinstance(cfg.model, ConfigDict) else dict(cfg.model)
         torch.manual_seed(seed)
-        # SyncBN needs a process group even in eval; it computes BN's function there.
+        # SyncBN (mmseg's configs) becomes BN: its single-process equivalent, as for FLOPs.
         model = revert_sync_batchnorm(build_model(ConfigDict(model_cfg), registry=registry))
     if checkpoint is not None:
         weights = _load_weights(model, part, checkpoint)
@@ -373,7 +377,8 @@ def build_export_target(cfg: Any, part: str, checkpoint: Optional[str] = None,
     preprocessor = model_cfg.get('data_preprocessor') or {}
     metadata = {
         'acmix_mm.part': part,
-        'acmix_mm.input_shape': json.dumps([batch, 3, height, width]),
+        'acmix_mm.input_shape': json.dumps(['batch' if dynamic_batch else batch, 3, height,
+                                            width]),
         'acmix_mm.input': 'preprocessed images: (x - mean) / std per channel, float32',
         'acmix_mm.mean': json.dumps(list(preprocessor.get('mean', []) or [])),
         'acmix_mm.std': json.dumps(list(preprocessor.get('std', []) or [])),
@@ -389,7 +394,8 @@ def build_export_target(cfg: Any, part: str, checkpoint: Optional[str] = None,
 def export_onnx(module: nn.Module, inputs: torch.Tensor, path: str,
                 output_names: Sequence[str], opset: Optional[int] = None,
                 metadata: Optional[Dict[str, str]] = None,
-                verify: Optional[Any] = None, exporter: str = 'torchscript') -> int:
+                verify: Optional[Any] = None, exporter: str = 'torchscript',
+                dynamic_batch: bool = False) -> Tuple[int, int]:
     """Export ``module(inputs)`` to the ONNX file ``path``, written atomically.
 
     Every ACMix is switched to the exportable attention path for the export only. The file is
@@ -408,6 +414,9 @@ def export_onnx(module: nn.Module, inputs: torch.Tensor, path: str,
         verify: called with the temporary file's path before it is renamed; raise to abort.
         exporter: ``'torchscript'`` (default: ~10x faster to export on our graphs) or
             ``'dynamo'`` (torch.export + onnxscript; a 4-5x smaller graph, minutes to export).
+        dynamic_batch: make the batch dimension of the input and of every output dynamic
+            (``'batch'``); H and W stay fixed. TorchScript exporter only: the images of a batch
+            are independent and the traced graph reads B from the input's shape.
 
     Returns:
         (the number of ACMix modules exported through the 'unfold' path, the opset written).
@@ -416,6 +425,11 @@ def export_onnx(module: nn.Module, inputs: torch.Tensor, path: str,
 
     check_exporter(exporter)
     opset = DEFAULT_OPSET[exporter] if opset is None else check_opset(opset, exporter)
+    if dynamic_batch and exporter != 'torchscript':
+        raise ExportError('dynamic_batch is supported with the torchscript exporter only, got '
+                          f'exporter {exporter!r}')
+    dynamic_axes = ({name: {0: 'batch'} for name in ['input', *output_names]}
+                    if dynamic_batch else None)
     path = os.path.abspath(os.fspath(path))
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
@@ -435,7 +449,7 @@ def export_onnx(module: nn.Module, inputs: torch.Tensor, path: str,
                 if exporter == 'torchscript':
                     torch.onnx.export(module, (inputs,), tmp, dynamo=False, opset_version=opset,
                                       input_names=['input'], output_names=list(output_names),
-                                      do_constant_folding=True)
+                                      do_constant_folding=True, dynamic_axes=dynamic_axes)
                 else:  # one self-contained file, static shapes (see the module docstring)
                     torch.onnx.export(module, (inputs,), tmp, dynamo=True, opset_version=opset,
                                       input_names=['input'], output_names=list(output_names),

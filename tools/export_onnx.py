@@ -1,8 +1,8 @@
 """Export an ACMix config's backbone or tensor-mode model to ONNX; optional onnxruntime check.
 
     .venv/bin/python tools/export_onnx.py CONFIG [CKPT] --part backbone|model [--shape H W]
-        [--batch B] [--out FILE] [--opset N] [--exporter torchscript|dynamo] [--check] [--seed S]
-        [--cfg-options KEY=VALUE ...]
+        [--batch B] [--dynamic-batch] [--out FILE] [--opset N] [--exporter torchscript|dynamo]
+        [--check] [--seed S] [--cfg-options KEY=VALUE ...]
 
 - ``--part backbone``: outputs ``feat0..`` = the backbone's ``out_indices`` feature maps.
 - ``--part model``: ``model(x, mode='tensor')`` = backbone + neck + head without
@@ -10,9 +10,9 @@
   ``bbox_pred.<level>``) and mmseg encoder-decoders (``seg_logits``). Two-stage detectors
   (Mask R-CNN) are refused with the reason (their RPN proposal selection does not trace).
 - The input is a *preprocessed* (B, 3, H, W) float32 batch (mean/std from the config's
-  data_preprocessor, recorded in the file's metadata). The file accepts exactly that size
-  (fixed-size export: see acmix_mm/export.py); default size 800x1344 (mmdet) or the crop
-  size (mmseg).
+  data_preprocessor, recorded in the file's metadata). The file accepts exactly that H x W
+  (fixed-size export: see acmix_mm/export.py), and that B unless ``--dynamic-batch``; default
+  size 800x1344 (mmdet) or the crop size (mmseg).
 - Without CKPT the weights are randomly initialised (seeded) and the tool says so. CKPT is read
   with torch.load(weights_only=True): a Lightning/mmengine checkpoint of the whole model, or
   (with --part backbone) a backbone state dict.
@@ -49,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='input size in pixels (default: 800 1344 for mmdet, the crop size '
                              'for mmseg); the file accepts exactly this size')
     parser.add_argument('--batch', type=int, default=1, help='batch size of the export (1)')
+    parser.add_argument('--dynamic-batch', action='store_true',
+                        help='any batch size (H, W stay fixed); torchscript exporter only')
     parser.add_argument('--out', help='output .onnx file (default: work_dirs/onnx/'
                                       '<config>_<part>_<H>x<W>.onnx)')
     parser.add_argument('--opset', type=int, default=None,
@@ -94,8 +96,12 @@ def main(argv=None) -> int:
         if not out.endswith('.onnx'):
             raise ExportError(f'--out must name a .onnx file, got {out!r}')
 
+        if args.dynamic_batch and args.exporter != 'torchscript':
+            raise ExportError('--dynamic-batch works with --exporter torchscript only, got '
+                              f'--exporter {args.exporter}')
         target = build_export_target(cfg, args.part, args.checkpoint, (height, width),
-                                     batch=args.batch, seed=args.seed)
+                                     batch=args.batch, seed=args.seed,
+                                     dynamic_batch=args.dynamic_batch)
         print(target.weights)
         with torch.no_grad():
             reference = target.module(target.inputs)  # default attention path, eval mode
@@ -117,7 +123,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         n_acmix, opset = export_onnx(target.module, target.inputs, out, target.output_names,
                                      opset=opset, metadata=target.metadata, verify=verify,
-                                     exporter=args.exporter)
+                                     exporter=args.exporter, dynamic_batch=args.dynamic_batch)
     except ExportError as err:
         print(f'error: {err}', file=sys.stderr)
         return 1 if failure else 2
@@ -130,8 +136,10 @@ def main(argv=None) -> int:
     print(f'wrote {out} ({os.path.getsize(out) / 2**20:.1f} MiB, {args.exporter} exporter, '
           f'opset {opset}, '
           f'{time.perf_counter() - start:.1f} s{via})')
-    print(f'input  "input" ({batch}, 3, {height}, {width}) float32, preprocessed '
-          f'(mean/std in the metadata); FIXED size: export again for another size or batch')
+    size = 'FIXED H x W' if args.dynamic_batch else 'FIXED size'
+    print(f'input  "input" ({"batch" if args.dynamic_batch else batch}, 3, {height}, {width}) '
+          f'float32, preprocessed (mean/std in the metadata); {size}: export again for '
+          f'another size')
     for name, tensor in zip(target.output_names, reference):
         print(f'output "{name}" {tuple(tensor.shape)}')
     return 0
