@@ -54,7 +54,7 @@ def demo_backbone(tmp_path_factory):
     target = E.build_export_target(cfg, 'backbone', shape=(96, 128))
     path = str(tmp_path_factory.mktemp('onnx') / 'backbone.onnx')
     n_acmix, _ = E.export_onnx(target.module, target.inputs, path, target.output_names,
-                            metadata=target.metadata)
+                               metadata=target.metadata)
     return target, path, n_acmix
 
 
