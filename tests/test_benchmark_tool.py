@@ -85,6 +85,9 @@ def test_backbone_train_vs_mmdet_resnet50(capsys):
     # fwd+bwd of the full-width ResNet-50 allocates its 23.5 M gradients (94 MB) every iteration.
     assert rows['B']['peak_mb'] > 50
     check_ratio(rows)
+    pairs = re.search(r'time A / B per alternated pair: ([\d.]+) \(median ([\d.]+)\)', out)
+    assert pairs and pairs.group(1) == pairs.group(2)  # one iteration: one pair
+    assert abs(float(pairs.group(1)) - result['A']['time_ms'] / result['B']['time_ms']) < 6e-4
     assert 'mode train (forward + backward), part backbone' in out
     assert 'input 1x3x64x64' in out
 

@@ -572,6 +572,13 @@ def format_report(subjects: Sequence[Subject], args: argparse.Namespace,
 
         lines.append(f'| A / B | | | {ratio(a.time_ms, b.time_ms)} | '
                      f'{ratio(a.peak_mb, b.peak_mb)} | |')
+        # Each A iteration ran next to a B one: their ratios cancel slow load changes that the
+        # ratio of medians above can still see.
+        pairs = [ta / tb for ta, tb in zip(a.times, b.times) if tb > 0]
+        if pairs:
+            lines += ['', f'time A / B per alternated pair: '
+                          f'{", ".join(f"{r:.3f}" for r in pairs)} '
+                          f'(median {statistics.median(pairs):.3f})']
     return '\n'.join(lines)
 
 
