@@ -229,8 +229,8 @@ def test_resume_from_the_last_good_checkpoint_tools_train_py(nan_run, coco_root,
     last = torch.load(work_dir / 'checkpoints' / 'last.ckpt', map_location='cpu', weights_only=True)
     assert last['global_step'] == 6 and last['epoch'] == 2
     _assert_all_finite(last['state_dict'], 'resumed last.ckpt')
-    # The resumed step-4 -> step-6 weights came from the checkpoint, not from a fresh model:
-    # many tensors moved, and from the saved values (not from the 6-step run's in-memory ones).
+    # Training went on (steps 4 and 5): the weights moved away from the saved step-4 values.
+    # (That it restarted from exactly those values: test_resume_from_the_last_good_checkpoint_api.)
     saved = nan_run.recorder.weights[LAST_GOOD_STEP]
     assert any(not torch.equal(last['state_dict'][k], v) for k, v in saved.items() if v.is_floating_point())
 
