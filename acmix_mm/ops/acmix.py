@@ -218,9 +218,11 @@ class ACMix(nn.Module):
         """
         k2 = self.kernel_conv * self.kernel_conv
         fc_weight = self.fc.weight.view(k2, 3 * self.head)
-        # contiguous: einsum returns a weight with channels-last strides, which makes the
-        # conv copy its (B, 3*C_out, H, W) input (and grads) to channels-last and back.
-        weight = torch.einsum('otyx,tj->ojyx', self.dep_conv.weight, fc_weight).contiguous()
+        # A channels-last weight makes oneDNN run this grouped conv (12 inputs, head outputs
+        # per group) in NHWC, copying its input: measured 1.6x (stage 1) to 4x (stage 2)
+        # faster forward+backward on CPU than its NCHW kernel, copies included.
+        weight = torch.einsum('otyx,tj->ojyx', self.dep_conv.weight, fc_weight).contiguous(
+            memory_format=torch.channels_last)
         return F.conv2d(qkv, weight.to(qkv.dtype), None, self.dep_conv.stride,
                         self.dep_conv.padding, self.dep_conv.dilation, self.head_dim)
 
