@@ -53,16 +53,18 @@ def demo_backbone(tmp_path_factory):
     cfg = Config.fromfile(str(DEMO_DET))
     target = E.build_export_target(cfg, 'backbone', shape=(96, 128))
     path = str(tmp_path_factory.mktemp('onnx') / 'backbone.onnx')
+    impls = [m.attn_impl for m in target.module.modules() if isinstance(m, ACMix)]
+    assert impls and 'unfold' not in impls  # the model's own (default) paths
     n_acmix, _ = E.export_onnx(target.module, target.inputs, path, target.output_names,
                                metadata=target.metadata)
+    # The model was put back on its own attention paths after the export.
+    assert [m.attn_impl for m in target.module.modules() if isinstance(m, ACMix)] == impls
     return target, path, n_acmix
 
 
 def test_backbone_matches_pytorch(demo_backbone):
     target, path, n_acmix = demo_backbone
     assert n_acmix == 5  # stages 3-4 of depth 26: 4 + 1 ACMix bottlenecks
-    # The model was put back on its own attention path after the export.
-    assert all(m.attn_impl == 'auto' for m in target.module.modules() if isinstance(m, ACMix))
     # A fresh input (not the one traced), against the default ('auto') attention path.
     x = torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(1)) * 2
     reference = _reference(target, x)
