@@ -18,12 +18,12 @@ that normalisation in its metadata (``acmix_mm.mean``, ``acmix_mm.std``, ``acmix
 Exporters (``exporter=``): torch 2.13 has two, and both export our graphs.
 
 - ``'torchscript'`` (default; ``torch.onnx.export(..., dynamo=False)``, marked legacy in
-  torch 2.13 but maintained): traces the model. Exports the demo backbone (5 ACMix layers) in
-  about 10 s of CPU; the graph is large (6,409 nodes) because every window offset is a slice.
+  torch 2.13): traces the model. ``tools/export_onnx.py --part backbone --check`` on the demo
+  backbone (5 ACMix layers, 96 x 128) takes 12.5 s of CPU; the graph is large (6,409 nodes)
+  because every window offset is a slice.
 - ``'dynamo'`` (``dynamo=True``: torch.export + onnxscript + onnx optimiser): a smaller graph
-  (1,339 nodes for the same backbone, about 1.5x faster on onnxruntime), but the export took
-  about 140 s of CPU for that backbone (over 10x the TorchScript exporter), mostly in the
-  onnx optimiser; it needs ``onnxscript``.
+  (1,339 nodes for the same backbone, faster on onnxruntime), but the same run takes 146 s of
+  CPU (over 10x), mostly in the onnx optimiser; it needs ``onnxscript``.
 
 ACMix's fast attention kernels ('cpp', a torch custom op; 'triton'; 'lean', a custom
 ``torch.autograd.Function`` with an in-place offset loop) have no ONNX translation: the
