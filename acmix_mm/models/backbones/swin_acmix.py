@@ -178,19 +178,27 @@ class ACMixWindowAttention(nn.Module):
 
     def _attention(self, qkv: torch.Tensor, wh: int, ww: int,
                    mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """Window attention + proj: qkv (B, Hp, Wp, 3C) -> (B, Hp, Wp, C)."""
+        """Window attention + proj: qkv (B, Hp, Wp, 3C) -> (B, Hp, Wp, C).
+
+        For float16 activations (autocast or a half model) the logits, softmax and weighted sum
+        run in float32 with autocast off: float16 logits overflow beyond 65504, which a scaled
+        input or large q/k weights reach. bfloat16 has float32's range and stays in bfloat16.
+        """
         B, Hp, Wp, _ = qkv.shape
         n = wh * ww
-        windows = window_partition(qkv, wh, ww)  # (B*nW, N, 3C)
+        out_dtype = qkv.dtype
+        compute = torch.float32 if out_dtype == torch.float16 else out_dtype
+        windows = window_partition(qkv, wh, ww).to(compute)  # (B*nW, N, 3C)
         q, k, v = windows.view(-1, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        attn = (q * self.scale) @ k.transpose(-2, -1) + self._bias(wh, ww)[None]
-        if mask is not None:
-            nw = mask.shape[0]
-            attn = (attn.view(-1, nw, self.num_heads, n, n) + mask[None, :, None]).view(
-                -1, self.num_heads, n, n)
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        out = (attn @ v).transpose(1, 2).reshape(-1, n, self.dim)
-        return window_reverse(self.proj(out), wh, ww, Hp, Wp)
+        with torch.autocast(qkv.device.type, enabled=False):
+            attn = (q * self.scale) @ k.transpose(-2, -1) + self._bias(wh, ww).to(compute)[None]
+            if mask is not None:
+                nw = mask.shape[0]
+                attn = (attn.view(-1, nw, self.num_heads, n, n) + mask.to(compute)[None, :, None]).view(
+                    -1, self.num_heads, n, n)
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            out = (attn @ v).transpose(1, 2).reshape(-1, n, self.dim)
+        return window_reverse(self.proj(out.to(out_dtype)), wh, ww, Hp, Wp)
 
     def _convolution(self, qkv: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
         """ACMix's conv branch on the whole map: qkv (B, Hp, Wp, 3C) -> (B, Hp, Wp, C).
