@@ -382,9 +382,9 @@ def test_kill9_and_resume_equals_uninterrupted(coco6, tmp_path, loop, workers, c
     work = tmp_path / 'killed'
     folder = work / 'checkpoints'
     kills = []
-    # Kill 1: mid-interval, shortly after the first checkpoint (the next steps are under way).
+    # Kill 1: mid-interval, 0.25 s after the first checkpoint (the next steps are under way).
     proc = _start(config, work, resume=False)
-    seen = _kill_when(proc, folder, after_new_ckpt=True, delay=1.0)
+    seen = _kill_when(proc, folder, after_new_ckpt=True, delay=0.25)
     _all_checkpoints_load(folder)
     kills.append((seen, _load(folder / 'last.ckpt')['global_step']))
     # Kill 2: after resuming, the moment the next checkpoint write starts (or its file appears).
