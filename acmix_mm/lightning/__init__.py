@@ -11,8 +11,8 @@ Public API:
 from .api import test, train
 from .config import LoopSpec, load_config, to_plain
 from .data import MMDataModule, check_dataset_paths
-from .module import MMLightningModule, NonFiniteLossError
+from .module import MMLightningModule, NonFiniteLossError, NonFiniteWeightsError
 from .trainer import TrainerOverrides, build_trainer
 
-__all__ = ['MMLightningModule', 'MMDataModule', 'NonFiniteLossError', 'LoopSpec', 'TrainerOverrides',
-           'build_trainer', 'check_dataset_paths', 'load_config', 'to_plain', 'train', 'test']
+__all__ = ['MMLightningModule', 'MMDataModule', 'NonFiniteLossError', 'NonFiniteWeightsError', 'LoopSpec',
+           'TrainerOverrides', 'build_trainer', 'check_dataset_paths', 'load_config', 'to_plain', 'train', 'test']

@@ -79,6 +79,7 @@ def train(cfg: ConfigLike, work_dir: Optional[str] = None, resume: Optional[str]
     seed = randomness.get('seed')
     datamodule = MMDataModule(cfg, seed=seed)
     datamodule.check('fit')
+    datamodule.setup('fit')  # read and check the datasets before any output is written
     ckpt_path = resolve_resume(resume, work_dir)
     # --resume / load_from: read and checked now, a clear error before anything is built
     start = StartCheckpoint.read(ckpt_path, cfg.get('load_from'))
@@ -124,6 +125,7 @@ def test(cfg: ConfigLike, checkpoint: str, work_dir: Optional[str] = None, out: 
     contents = load_checkpoint_file(checkpoint)
     datamodule = MMDataModule(cfg)
     datamodule.check('test')
+    datamodule.setup('test')  # read and check the dataset before any output is written
     module = MMLightningModule(cfg, init_weights=False)
     load_model_weights(module.model, checkpoint, contents)
     del contents  # the weights are in the model now

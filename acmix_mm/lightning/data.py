@@ -59,6 +59,7 @@ from mmengine.registry import DATASETS, EVALUATOR, init_default_scope
 from mmengine.runner import Runner
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..datasets.validation import build_dataset, validate_dataset
 from .config import ConfigLike, as_config
 
 SPLITS = ('train', 'val', 'test')
@@ -443,12 +444,14 @@ class MMDataModule(LightningDataModule):
             if split in self.datasets:
                 continue
             dataset_cfg = self.cfg[f'{split}_dataloader']['dataset']
+            where = f'{split}_dataloader.dataset'
             if isinstance(dataset_cfg, Mapping):
-                dataset = DATASETS.build(ConfigDict(copy.deepcopy(dict(dataset_cfg))))
+                dataset = build_dataset(dataset_cfg, where)  # an empty dataset raises naming its files
             else:
                 dataset = dataset_cfg
-            if hasattr(dataset, 'full_init'):
-                dataset.full_init()
+                if hasattr(dataset, 'full_init'):
+                    dataset.full_init()
+                validate_dataset(dataset, where)
             self.datasets[split] = dataset
             if split != 'train':
                 self.evaluators[split] = build_evaluator(self.cfg[f'{split}_evaluator'], dataset,

@@ -78,6 +78,13 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite (``lightning.nan_policy='raise'``)."""
 
 
+class NonFiniteWeightsError(NonFiniteLossError):
+    """An optimiser step left NaN/Inf in the weights although the loss was finite.
+
+    A subclass of :class:`NonFiniteLossError` so that one ``except`` catches both stops.
+    """
+
+
 class MMLightningModule(LightningModule):
     """Wrap the mmengine model of ``cfg.model`` for Lightning.
 
@@ -271,6 +278,7 @@ class MMLightningModule(LightningModule):
         Called by :class:`_AfterTrainIter` after every training batch, before any checkpoint of
         that batch is written.
         """
+        self._check_finite_weights(batch_idx)
         if self.stepper is None:
             return
         self.stepper.after_train_iter()
@@ -286,6 +294,29 @@ class MMLightningModule(LightningModule):
             done = self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
             if done >= loop.max_iters:
                 self.trainer.should_stop = True
+
+    def _check_finite_weights(self, batch_idx: int) -> None:
+        """Stop when the step just taken left NaN/Inf in a weight, whatever ``nan_policy`` says.
+
+        The loss check sees a bad update (an overflowing learning rate, a NaN gradient from a
+        finite loss) only at the next step: after the epoch-end validation and checkpoint,
+        which would save the broken weights into last.ckpt. One total norm per step (a
+        reduction over all parameters); names are looked up only when it is not finite.
+        """
+        params = [p.detach() for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            return
+        total = torch.nn.utils.get_total_norm(params)
+        if bool(torch.isfinite(total)):
+            return
+        bad = [name for name, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if not bad:
+            return  # finite weights whose norm overflows float32: not this check's business
+        names = ', '.join(bad[:5]) + (f' and {len(bad) - 5} more' if len(bad) > 5 else '')
+        raise NonFiniteWeightsError(
+            f'non-finite weights after training step {self.global_step - 1} (epoch {self.current_epoch}, '
+            f'batch {batch_idx}): {names}; the loss was finite, the update was not (learning rate too '
+            'large? lightning.nan_policy cannot skip a step already taken)')
 
     # -- evaluation -----------------------------------------------------------------------------
     def evaluator(self, split: str):

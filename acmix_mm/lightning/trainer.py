@@ -56,7 +56,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from mmengine.config import Config
 
 from .checkpoint_io import AtomicCheckpointIO
-from .config import LoopSpec
+from .config import LoopSpec, check_lightning_section
 from .optim import OptimSettings
 
 LIGHTNING_KEYS = ('accelerator', 'devices', 'num_nodes', 'strategy', 'precision', 'find_unused_parameters',
@@ -82,13 +82,8 @@ class TrainerOverrides:
 
 
 def lightning_section(cfg: Config) -> Dict[str, Any]:
-    """The config's ``lightning`` section as a dict, with its keys checked."""
-    section = dict(cfg.get('lightning') or {})
-    unknown = sorted(set(section) - set(LIGHTNING_KEYS))
-    if unknown:
-        raise ValueError(f'unknown key(s) in lightning=dict(...): {", ".join(unknown)}; '
-                         f'allowed: {", ".join(LIGHTNING_KEYS)}')
-    return section
+    """The config's ``lightning`` section as a dict, with its keys and values checked."""
+    return check_lightning_section(cfg.get('lightning'))
 
 
 def resolve_precision(cfg: Config, section: Mapping[str, Any], override: Optional[str],

@@ -235,11 +235,6 @@ def test_resume_from_the_last_good_checkpoint_tools_train_py(nan_run, coco_root,
     assert any(not torch.equal(last['state_dict'][k], v) for k, v in saved.items() if v.is_floating_point())
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    'MMLightningModule checks the loss, not the weights: the step-3 update (finite loss) writes '
-    'inf into backbone.conv1.weight, epoch 1 validates and checkpoints it, and only step 4 stops. '
-    'Fix: a finite-weights check in MMLightningModule.on_train_batch_end (module.py). '
-    'Remove this mark with that fix.'))
 def test_enormous_learning_rate_never_lands_nonfinite_weights_in_a_checkpoint(coco_root, tmp_path):
     cfg = _stock_config(coco_root, tmp_path)
     # lr 0.01 -> 1e38 from step 3 on, the last step of epoch 1: the loss of step 3 is still
