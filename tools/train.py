@@ -18,8 +18,8 @@ def parse_args(argv=None):
     parser.add_argument('config', help='mmengine config file')
     parser.add_argument('--work-dir', help='checkpoints and logs (default: cfg.work_dir or work_dirs/<config>)')
     parser.add_argument('--resume', nargs='?', const=AUTO_RESUME, default=None, metavar='CKPT',
-                        help="resume from CKPT; with no value, from WORK_DIR/checkpoints/last.ckpt. The run "
-                             "continues as if never stopped: mid-epoch position, schedules and random states "
+                        help="resume from CKPT; with no value, from the newest whole checkpoint in "
+                             "WORK_DIR/checkpoints (normally last.ckpt). The run continues as if never stopped: mid-epoch position, schedules and random states "
                              "come from the checkpoint")
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE',
                         help='override config entries, e.g. train_dataloader.batch_size=4')

@@ -5,6 +5,7 @@ or written, so that a bad value fails fast with a message naming it and leaves n
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import time
@@ -36,20 +37,37 @@ def resolve_work_dir(cfg: Config, work_dir: Optional[str]) -> str:
     return os.path.join('work_dirs', stem)
 
 
+def newest_checkpoint(folder: str) -> Optional[str]:
+    """The most recently completed ``*.ckpt`` in ``folder`` (None if there is none).
+
+    Checkpoints are renamed into place only once whole (checkpoint_io.py), so a file's mtime is
+    when its write completed. ``last.ckpt`` is normally the newest; a kill between writing
+    ``epoch=E-step=S.ckpt`` and ``last.ckpt`` leaves the former newer (or last.ckpt absent).
+    """
+    paths = glob.glob(os.path.join(folder, '*.ckpt'))
+    if not paths:
+        return None
+    return max(paths, key=lambda p: (os.stat(p).st_mtime_ns, os.path.basename(p) == 'last.ckpt'))
+
+
 def resolve_resume(resume: Optional[str], work_dir: str) -> Optional[str]:
-    """The checkpoint to resume: a path, or ``'auto'`` for ``WORK_DIR/checkpoints/last.ckpt``."""
+    """The checkpoint to resume: a path, or ``'auto'`` for the newest whole checkpoint in
+    ``WORK_DIR/checkpoints`` (``last.ckpt``, unless the run died right before updating it)."""
     if resume is None:
         return None
-    path = os.path.join(work_dir, CHECKPOINT_DIR, 'last.ckpt') if resume == AUTO_RESUME else resume
-    if not os.path.isfile(path):
-        hint = ''
-        if resume == AUTO_RESUME:
+    if resume == AUTO_RESUME:
+        folder = os.path.join(work_dir, CHECKPOINT_DIR)
+        path = newest_checkpoint(folder)
+        if path is None:
             # A run killed before (or while) writing its first checkpoint leaves none: checkpoints
-            # are written atomically (checkpoint_io.py), so there is never a partial last.ckpt.
-            hint = ('; the run in this work dir has not written a checkpoint yet: start it again '
-                    'without --resume, or pass --resume CKPT')
-        raise FileNotFoundError(f'--resume: checkpoint {path!r} does not exist{hint}')
-    return path
+            # are written atomically (checkpoint_io.py), so there is never a partial one.
+            raise FileNotFoundError(
+                f'--resume: no checkpoint in {folder!r}; the run in this work dir has not written a '
+                'checkpoint yet: start it again without --resume, or pass --resume CKPT')
+        return path
+    if not os.path.isfile(resume):
+        raise FileNotFoundError(f'--resume: checkpoint {resume!r} does not exist')
+    return resume
 
 
 def train(cfg: ConfigLike, work_dir: Optional[str] = None, resume: Optional[str] = None,
@@ -60,7 +78,7 @@ def train(cfg: ConfigLike, work_dir: Optional[str] = None, resume: Optional[str]
     Args:
         cfg: config (object, dict or path); ``--cfg-options`` are merged by the caller.
         work_dir: checkpoints, logs and the config copy go here (see :func:`resolve_work_dir`).
-        resume: a checkpoint path, or ``'auto'`` for the work dir's ``last.ckpt``.
+        resume: a checkpoint path, or ``'auto'`` for the newest checkpoint in the work dir (:func:`resolve_resume`).
         overrides: command-line Trainer values (devices, strategy, precision, max epochs/steps).
         seed: global seed (``--seed``), else ``cfg.randomness.seed``.
         **trainer_kwargs: extra ``lightning.pytorch.Trainer`` arguments.

@@ -30,6 +30,7 @@ from mmengine.dataset import DefaultSampler
 from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 from acmix_mm.lightning import train
+from acmix_mm.lightning.api import newest_checkpoint
 from acmix_mm.lightning.checkpoint_io import AtomicCheckpointIO, atomic_write_bytes, partial_files
 from acmix_mm.lightning.data import ResumableDataLoader
 
@@ -386,13 +387,15 @@ def test_kill9_and_resume_equals_uninterrupted(coco6, tmp_path, loop, workers, c
     proc = _start(config, work, resume=False)
     seen = _kill_when(proc, folder, after_new_ckpt=True, delay=0.25)
     _all_checkpoints_load(folder)
-    kills.append((seen, _load(folder / 'last.ckpt')['global_step']))
+    # A kill between writing epoch=E-step=S.ckpt and last.ckpt leaves last.ckpt older or absent;
+    # --resume (auto) takes the newest whole checkpoint either way.
+    kills.append((seen, _load(newest_checkpoint(str(folder)))['global_step']))
     # Kill 2: after resuming, the moment the next checkpoint write starts (or its file appears).
     proc = _start(config, work, resume=True)
     seen = _kill_when(proc, folder, after_new_ckpt=False, delay=0.0)
     _all_checkpoints_load(folder)
     assert not any(p.name.endswith('.ckpt') and p.stat().st_size == 0 for p in folder.iterdir())
-    kills.append((seen, _load(folder / 'last.ckpt')['global_step']))
+    kills.append((seen, _load(newest_checkpoint(str(folder)))['global_step']))
     # Resume to the end.
     _finish(_start(config, work, resume=True))
     assert partial_files(str(folder)) == []
@@ -419,3 +422,21 @@ def test_resume_auto_without_a_checkpoint_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match='nope.ckpt'):
         resolve_resume(str(tmp_path / 'nope.ckpt'), str(tmp_path))
     assert resolve_resume(None, str(tmp_path)) is None
+
+
+def test_resume_auto_takes_the_newest_whole_checkpoint(tmp_path):
+    from acmix_mm.lightning.api import resolve_resume
+    folder = tmp_path / 'checkpoints'
+    folder.mkdir()
+    for name, mtime in (('epoch=0-step=2.ckpt', 100), ('last.ckpt', 101)):
+        (folder / name).write_bytes(b'x')
+        os.utime(folder / name, ns=(mtime * 10**9, mtime * 10**9))
+    assert resolve_resume('auto', str(tmp_path)) == str(folder / 'last.ckpt')
+    # Killed after the step-4 file was renamed into place, before last.ckpt was updated.
+    (folder / 'epoch=1-step=4.ckpt').write_bytes(b'x')
+    os.utime(folder / 'epoch=1-step=4.ckpt', ns=(102 * 10**9, 102 * 10**9))
+    (folder / '.last.ckpt.partial-abc').write_bytes(b'half')
+    assert resolve_resume('auto', str(tmp_path)) == str(folder / 'epoch=1-step=4.ckpt')
+    # Killed before last.ckpt was ever written.
+    (folder / 'last.ckpt').unlink()
+    assert resolve_resume('auto', str(tmp_path)) == str(folder / 'epoch=1-step=4.ckpt')
