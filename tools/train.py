@@ -19,8 +19,8 @@ def parse_args(argv=None):
     parser.add_argument('--work-dir', help='checkpoints and logs (default: cfg.work_dir or work_dirs/<config>)')
     parser.add_argument('--resume', nargs='?', const=AUTO_RESUME, default=None, metavar='CKPT',
                         help="resume from CKPT; with no value, from the newest whole checkpoint in "
-                             "WORK_DIR/checkpoints (normally last.ckpt). The run continues as if never stopped: mid-epoch position, schedules and random states "
-                             "come from the checkpoint")
+                             "WORK_DIR/checkpoints (normally last.ckpt). The run continues as if never "
+                             "stopped: mid-epoch position, schedules and random states come from the checkpoint")
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE',
                         help='override config entries, e.g. train_dataloader.batch_size=4')
     parser.add_argument('--accelerator', help="'cpu', 'gpu', 'auto' (default: config or auto)")
