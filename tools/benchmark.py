@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from acmix_mm.utils.cli import non_negative_int, positive_int  # noqa: E402
 
 SCOPES = ('mmdet', 'mmseg')
 DEFAULT_DET_SHAPE = (800, 1344)  # 800x1333 padded to mmdet's size divisor 32
@@ -62,26 +63,6 @@ MIB = 2 ** 20
 
 
 # ------------------------------------------------------------------------------- arguments
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'must be a positive int, got {text!r}')
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f'must be an int >= 0, got {text!r}')
-    return value
-
-
 def attn_impl_choices() -> Tuple[str, ...]:
     """'auto' plus whatever attention paths the installed operator offers."""
     from acmix_mm.ops.local_attention import ATTN_IMPLS

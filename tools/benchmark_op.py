@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from acmix_mm.ops import ACMix  # noqa: E402
 from acmix_mm.utils import PeakMemory  # noqa: E402
+from acmix_mm.utils.cli import non_negative_int, positive_int  # noqa: E402
 
 IMPLS = ('unfold', 'lean', 'cpp', 'conv3x3', 'lean+compile', 'cpp+compile')
 DEFAULT_SHAPES = ('2,64,56,56', '1,64,200,336')
@@ -52,26 +53,6 @@ def parse_shape(text: str) -> Shape:
         raise argparse.ArgumentTypeError(
             f'shape must be four positive ints B,C,H,W (e.g. 2,64,56,56), got {text!r}')
     return values  # type: ignore[return-value]
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'must be a positive int, got {text!r}')
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f'must be an int >= 0, got {text!r}')
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,6 +35,9 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+# Importing acmix_mm does not import triton, so --interpret can still switch it to the interpreter.
+from acmix_mm.utils.cli import positive_int  # noqa: E402
 
 
 def _shape(text: str) -> Tuple[int, int, int, int]:
@@ -49,16 +52,6 @@ def _shape(text: str) -> Tuple[int, int, int, int]:
     return values  # type: ignore[return-value]
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'must be a positive int, got {text!r}')
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--interpret', action='store_true',
@@ -66,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--shape', type=_shape, default=None,
                         help='B,C,H,W for the timings (default 1,64,200,336; 1,4,4,5 with '
                              '--interpret)')
-    parser.add_argument('--iters', type=_positive, default=None,
+    parser.add_argument('--iters', type=positive_int, default=None,
                         help='timed iterations, median reported (default 10; 1 with --interpret)')
     return parser
 
