@@ -21,8 +21,6 @@ exit status is 1 when the growth exceeds it.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import dataclasses
 import gc
 import json
@@ -32,13 +30,13 @@ from typing import Any, Dict, List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import psutil  # noqa: E402
 from lightning.pytorch import Callback, Trainer  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 
 import acmix_mm  # noqa: E402,F401  (registers the ACMix models)
 from acmix_mm.lightning import MMDataModule, MMLightningModule, load_config  # noqa: E402
 from acmix_mm.lightning.checkpoint import load_model_weights  # noqa: E402
+from acmix_mm.utils.memory import settled_rss_bytes  # noqa: E402
 
 MODES = ('validate', 'fit')
 MB = 1024 * 1024
@@ -65,23 +63,6 @@ class EpochMemory:
     pending_results: int
     evaluator_id: int
     metrics: Dict[str, float]
-
-
-def settled_rss_bytes() -> int:
-    """RSS after collecting garbage and returning free heap pages to the OS (glibc; elsewhere gc only).
-
-    The same steps as acmix_mm.utils.memory's RSS measurement, so that freed-but-kept heap pages
-    do not count as growth.
-    """
-    gc.collect()
-    gc.collect()
-    libc_name = ctypes.util.find_library('c')
-    if libc_name:
-        try:
-            ctypes.CDLL(libc_name).malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-    return psutil.Process().memory_info().rss
 
 
 def _pending_results(module: MMLightningModule) -> int:

@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional, Tuple
 
 import torch
 
-__all__ = ['PeakMemory', 'measure_peak_memory']
+__all__ = ['PeakMemory', 'measure_peak_memory', 'settled_rss_bytes']
 
 _STATUS = '/proc/self/status'
 _CLEAR_REFS = '/proc/self/clear_refs'
@@ -69,6 +69,14 @@ def _release_free_heap() -> None:
 def _rss_bytes() -> int:
     import psutil  # a runtime dependency; imported here to keep the package import light
     return psutil.Process().memory_info().rss
+
+
+def settled_rss_bytes() -> int:
+    """The process's RSS in bytes after collecting garbage and handing glibc's free heap pages
+    back, so that freed-but-kept pages do not read as growth (what a leak check compares)."""
+    gc.collect()
+    _release_free_heap()
+    return _rss_bytes()
 
 
 class PeakMemory:
