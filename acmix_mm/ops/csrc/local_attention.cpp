@@ -264,6 +264,21 @@ struct RowCache {
   }
 };
 
+// out (channels x Wo_r) += sum over the window's rows ty and taps tx of w[ty, tx] * row[ty] (the
+// padded rows of `plane`, read through `cache`): the forward's weighted sum of v and the
+// backward's gradient of q are both this contraction of per-offset weights with a window.
+template <typename T, int S>
+inline void accumulate_window(const T* w, RowCache<T>& cache, int64_t n, int64_t y, const T* plane,
+                              int64_t cs, int64_t rs, const Geometry& g, int64_t channels, T* out) {
+  for (int64_t ty = 0; ty < g.K; ++ty) {
+    const T* rows = cache.get(n, y * g.s + ty * g.dil, plane, cs, rs, g);
+    for (int64_t x0 = 0; x0 < g.Wo_r; x0 += kBlock) {
+      dot_groups<T, S>(w + ty * g.K * g.Wo_r + x0, g.Wo_r, rows + x0 * g.s, g.dil, g.KW, g.K, g.s,
+                       out + x0, g.Wo_r, channels, true);
+    }
+  }
+}
+
 template <typename T>
 void padded_coordinates(const Geometry& g, const at::Tensor& coord_x, const at::Tensor& coord_y,
                         std::vector<T>& cxp, std::vector<T>& cyp) {
@@ -361,14 +376,8 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k,
       }
       // Weighted sum of the value rows: per ty, all Dv channels in groups sharing the a loads.
       std::fill(obuf.begin(), obuf.end(), T(0));
-      for (int64_t ty = 0; ty < g.K; ++ty) {
-        const int64_t py = y * s + ty * g.dil;
-        const T* vrows = vcache.get(n, py, vp + v_off[n], v_cs, v_rs, g);
-        for (int64_t x0 = 0; x0 < Wo_r; x0 += kBlock) {
-          dot_groups<T, S>(logits.data() + ty * g.K * Wo_r + x0, Wo_r, vrows + x0 * s, g.dil,
-                           g.KW, g.K, s, obuf.data() + x0, Wo_r, g.Dv, true);
-        }
-      }
+      accumulate_window<T, S>(logits.data(), vcache, n, y, vp + v_off[n], v_cs, v_rs, g, g.Dv,
+                              obuf.data());
       T* out_row = op + n * g.Dv * HoWo + y * g.Wo;
       for (int64_t dv = 0; dv < g.Dv; ++dv) {
         std::copy_n(obuf.data() + dv * Wo_r, g.Wo, out_row + dv * HoWo);
@@ -461,14 +470,8 @@ void backward_rows_impl(const Geometry& g, const at::Tensor& grad_out, const at:
       }
       if (need_q) {
         std::fill(gq.begin(), gq.end(), T(0));
-        for (int64_t ty = 0; ty < g.K; ++ty) {
-          const int64_t py = y * s + ty * g.dil;
-          const T* krows = kcache.get(n, py, kp + k_off[n], k_cs, k_rs, g);
-          for (int64_t x0 = 0; x0 < Wo_r; x0 += kBlock) {
-            dot_groups<T, S>(gl.data() + ty * g.K * Wo_r + x0, Wo_r, krows + x0 * s, g.dil,
-                             g.KW, g.K, s, gq.data() + x0, Wo_r, g.D, true);
-          }
-        }
+        accumulate_window<T, S>(gl.data(), kcache, n, y, kp + k_off[n], k_cs, k_rs, g, g.D,
+                                gq.data());
         T* gq_out = gqp + n * g.D * HoWo + y * g.Wo;
         for (int64_t d = 0; d < g.D; ++d) {
           const T* src = gq.data() + d * Wo_r;
