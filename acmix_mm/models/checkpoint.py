@@ -51,11 +51,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..ops import ACMix
+from ..ops.replaced_conv import replaced_conv_summary
+
 __all__ = [
     'CheckpointError', 'LoadReport', 'safe_load', 'extract_state_dict', 'convert_swin_authors',
     'convert_resnet_authors', 'load_backbone_weights', 'load_backbone_state_dict',
-    'check_state_dict_fits', 'display_global', 'ALLOWED_EXTRA_GLOBALS',
+    'check_state_dict_fits', 'display_global', 'ALLOWED_EXTRA_GLOBALS', 'take_replaced_convs',
+    'resolve_checkpoint',
 ]
+
+# LoadReport.dropped reason of a conv tensor where the model has an ACMix layer.
+REPLACED_CONV = 'replaced conv'
 
 Converter = Callable[[Mapping[str, torch.Tensor]], Tuple[Dict[str, torch.Tensor], 'LoadReport']]
 
@@ -70,25 +77,38 @@ class LoadReport:
 
     Attributes:
         converted: (file key, model key) pairs that were renamed.
-        dropped: (file key, reason) pairs left out on purpose (classifier, recomputed buffers).
+        dropped: (file key, reason) pairs left out on purpose (classifier, recomputed buffers,
+            the weights of convs that ACMix layers replace).
         missing: model keys the file does not provide that keep their initial values (allowed).
         loaded: number of model keys taken from the file.
+        replaced_layers: ACMix layers standing where the file has a conv (a stock ResNet file):
+            their conv tensors are in ``dropped``, their ACMix tensors in ``missing``.
     """
     converted: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
     dropped: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
     missing: List[str] = dataclasses.field(default_factory=list)
     loaded: int = 0
+    replaced_layers: List[str] = dataclasses.field(default_factory=list)
 
     def summary(self) -> str:
-        """One line per category, with counts and (short) key lists, for the log."""
+        """One line: counts per category, short key lists, and the replaced convs in one phrase."""
         def short(keys: Sequence[str]) -> str:
             keys = list(keys)
             return ', '.join(keys[:6]) + (f', ... ({len(keys)} in all)' if len(keys) > 6 else '')
-        reasons = collections.Counter(reason for _, reason in self.dropped)
+        prefixes = tuple(f'{layer}.' for layer in self.replaced_layers)
+        kept_acmix = [k for k in self.missing if prefixes and k.startswith(prefixes)]
+        others = [k for k in self.missing if not (prefixes and k.startswith(prefixes))]
+        reasons = collections.Counter(reason for _, reason in self.dropped
+                                      if reason != REPLACED_CONV)
         dropped = '; '.join(f'{n} {reason}' for reason, n in reasons.items()) or 'none'
-        return (f'loaded {self.loaded} keys; renamed {len(self.converted)}; dropped '
-                f'{len(self.dropped)} ({dropped}); kept at init {len(self.missing)}'
-                + (f' ({short(self.missing)})' if self.missing else ''))
+        n_dropped = sum(reasons.values())
+        line = (f'loaded {self.loaded} keys; renamed {len(self.converted)}; dropped '
+                f'{n_dropped} ({dropped}); kept at init {len(others)}'
+                + (f' ({short(others)})' if others else ''))
+        if self.replaced_layers:
+            unused = sum(1 for _, reason in self.dropped if reason == REPLACED_CONV)
+            line += '; ' + replaced_conv_summary(self.replaced_layers, unused, len(kept_acmix))
+        return line
 
 
 # --------------------------------------------------------------------------- reading files
@@ -552,6 +572,96 @@ def convert_resnet_authors(state: Mapping[str, torch.Tensor]) -> Tuple[Dict[str,
     return out, report
 
 
+def take_replaced_convs(state: Mapping[str, torch.Tensor], model: nn.Module,
+                        report: LoadReport) -> Dict[str, torch.Tensor]:
+    """A stock network's file, for ``model`` whose ACMix layers stand where it has convs.
+
+    For every :class:`~acmix_mm.ops.ACMix` in ``model`` (say ``layer2.0.conv2``) whose keys the
+    file lacks but which has ``layer2.0.conv2.weight`` of the replaced conv's shape (C_out, C_in,
+    k, k), that weight (and a ``bias`` of shape (C_out,)) is dropped as ``REPLACED_CONV`` and the
+    layer is added to ``report.replaced_layers``: its ACMix tensors may be missing. Files
+    without any ``num_batches_tracked`` (torchvision's ImageNet ResNets) may lack those
+    counters too. Everything else is left for the fit check.
+
+    Returns:
+        The state without the dropped tensors; the ``allow_missing`` prefixes are
+        ``report.replaced_layers`` (with a trailing dot) and, where dropped, the counters.
+    """
+    out = collections.OrderedDict(state)
+    for name, module in model.named_modules():
+        if not isinstance(module, ACMix):
+            continue
+        prefix = f'{name}.'
+        if any(k.startswith(prefix) and k[len(prefix):] != 'bias' and k[len(prefix):] != 'weight'
+               for k in out):
+            continue  # ACMix keys for this layer: an ACMix file, checked as usual
+        weight = out.get(prefix + 'weight')
+        shape = (module.out_channels, module.in_channels) + tuple(module.dep_conv.kernel_size)
+        if weight is None or tuple(weight.shape) != shape:
+            continue
+        for key in (prefix + 'weight', prefix + 'bias'):
+            if key in out and (key.endswith('weight') or tuple(out[key].shape) == shape[:1]):
+                del out[key]
+                report.dropped.append((key, REPLACED_CONV))
+        report.replaced_layers.append(name)
+    return out
+
+
+def _allowed_missing_counters(model: nn.Module, state: Mapping[str, torch.Tensor]) -> List[str]:
+    """BN ``num_batches_tracked`` keys of ``model`` when the file has none at all."""
+    if any(k.endswith('num_batches_tracked') for k in state):
+        return []
+    return [k for k in model.state_dict() if k.endswith('num_batches_tracked')]
+
+
+_URI_SCHEMES = ('torchvision://', 'http://', 'https://')
+
+
+def resolve_checkpoint(checkpoint: str | os.PathLike) -> str:
+    """A local file for ``checkpoint``: a path, ``torchvision://NAME`` or an http(s) URL.
+
+    ``torchvision://resnet50`` is the URL mmengine gives that name (its
+    ``hub/torchvision_0.12.json``, torchvision's ImageNet weights); URLs are fetched once into
+    torch's hub cache (``$TORCH_HOME/hub/checkpoints``, where mmengine and torchvision keep them
+    too), written to a temporary name and renamed when complete. The file is then read by
+    :func:`safe_load` like any other.
+
+    Raises:
+        ValueError: an unknown scheme or torchvision name (the message lists what is allowed).
+    """
+    checkpoint = os.fspath(checkpoint)
+    if '://' not in checkpoint:
+        return checkpoint
+    if checkpoint.startswith('torchvision://'):
+        import mmengine
+        names = mmengine.load(os.path.join(mmengine.__path__[0], 'hub', 'torchvision_0.12.json'))
+        name = checkpoint[len('torchvision://'):]
+        if name not in names:
+            raise ValueError(f'unknown torchvision checkpoint {checkpoint!r}; allowed names: '
+                             f'{", ".join(sorted(names))}')
+        url = names[name]
+    elif checkpoint.startswith(('http://', 'https://')):
+        url = checkpoint
+    else:
+        raise ValueError(f'checkpoint {checkpoint!r}: unknown scheme; allowed: a file path or '
+                         f'{", ".join(s + "..." for s in _URI_SCHEMES)}')
+    folder = os.path.join(torch.hub.get_dir(), 'checkpoints')
+    path = os.path.join(folder, os.path.basename(url.split('?')[0]))
+    if not os.path.isfile(path):
+        os.makedirs(folder, exist_ok=True)
+        partial = f'{path}.{os.getpid()}.partial'
+        try:
+            torch.hub.download_url_to_file(url, partial, progress=False)
+            os.replace(partial, path)
+        except Exception as err:
+            if os.path.exists(partial):
+                os.remove(partial)
+            raise CheckpointError(f'checkpoint {checkpoint!r}: downloading {url} into {path} failed '
+                                  f'({type(err).__name__}: {err}); put the file there by hand or '
+                                  'name a local path') from None
+    return path
+
+
 # --------------------------------------------------------------------------- loading
 def _short(keys: Iterable[str], n: int = 12) -> str:
     keys = list(keys)
@@ -582,7 +692,7 @@ def load_backbone_weights(module: nn.Module, path: str | os.PathLike,
         FileNotFoundError, CheckpointError: unreadable or unsafe file (:func:`safe_load`); keys
             or shapes that do not match ``module`` (the message names them).
     """
-    path = os.fspath(path)
+    path = resolve_checkpoint(path)
     report = LoadReport()
     state = extract_state_dict(safe_load(path), path, report)
     kept = collections.OrderedDict()
@@ -595,6 +705,10 @@ def load_backbone_weights(module: nn.Module, path: str | os.PathLike,
         kept, conv_report = converter(kept)
         report.converted += conv_report.converted
         report.dropped += conv_report.dropped
+        report.replaced_layers += conv_report.replaced_layers
+        allow_missing = tuple(allow_missing) + tuple(f'{n}.' for n in conv_report.replaced_layers)
+        if conv_report.replaced_layers:
+            allow_missing += tuple(_allowed_missing_counters(module, kept))
     own = module.state_dict()
     missing = check_state_dict_fits(own, kept, path, type(module).__name__, allow_missing)
     with torch.no_grad():

@@ -98,7 +98,7 @@ def _acmix_handler(module: ACMix, inputs: tuple, output: Any) -> int:
     b, c_in, h, w = (int(v) for v in inputs[0].shape)
     return sum(acmix_flops_breakdown(
         c_in, module.out_channels, h, w, kernel_att=module.kernel_att, head=module.head,
-        kernel_conv=module.kernel_conv, stride=module.stride, batch=b).values())
+        kernel_conv=module.kernel_conv, stride=module.dep_conv.stride[0], batch=b).values())
 
 
 @dataclass

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .local_attention import ATTN_IMPLS, local_attention
+from .replaced_conv import take_replaced_conv
 
-__all__ = ['ACMix']
+__all__ = ['ACMix', 'ShiftConv2d']
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -35,6 +36,41 @@ def _check_positive_int(name: str, value: object) -> int:
     if value < 1:
         raise ValueError(f'ACMix: {name} must be a positive int, got {value}')
     return value
+
+
+class ShiftConv2d(nn.Module):
+    """ACMix's ``dep_conv``: the weight and geometry of a grouped, bias-free conv.
+
+    Holds ``weight`` (C_out, C_in / groups, k, k) and nn.Conv2d's geometry attributes (pairs).
+    :class:`ACMix` reads them to build its fused conv-branch kernel, so this module's own
+    ``forward`` only serves direct use.
+
+    It is deliberately *not* an ``nn.Conv2d``: mmengine's initialisers select layers by class
+    name (``dict(type='Kaiming', layer='Conv2d')`` in mmdet's ResNet, ``Xavier`` in FPN,
+    ``Normal`` in RetinaHead), and would otherwise overwrite the shift initialisation of every
+    ACMix inside the module they initialise, the bug of the authors' ResNet. Initialisers that
+    name it (``override=dict(name='dep_conv')``) still reach it.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int,
+                 dilation: int, groups: int) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = (kernel_size, kernel_size)
+        self.stride = (stride, stride)
+        self.dilation = (dilation, dilation)
+        self.padding = (dilation * (kernel_size // 2),) * 2
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kernel_size,
+                                               kernel_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+    def extra_repr(self) -> str:
+        return (f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, '
+                f'stride={self.stride}, padding={self.padding}, dilation={self.dilation}, '
+                f'groups={self.groups}, bias=False')
 
 
 class ACMix(nn.Module):
@@ -72,6 +108,15 @@ class ACMix(nn.Module):
     - ``fc``: 1x1 conv without bias, 3*head -> kernel_conv**2, over the stacked [q, k, v] heads;
     - ``dep_conv``: grouped kernel_conv x kernel_conv conv without bias, groups = head_dim,
       kernel_conv**2 * head_dim -> C_out; initialised as a shift (:meth:`reset_parameters`).
+      A :class:`ShiftConv2d`, so that initialisers aimed at ``Conv2d`` layers skip it.
+
+    Loading a checkpoint of the network this layer replaced a conv in (a stock ResNet's
+    ``layer2.0.conv2.weight``): the conv's entry (``weight`` of shape
+    (C_out, C_in, kernel_conv, kernel_conv), and ``bias``) is taken out as unused and every ACMix
+    parameter keeps its current value, through ``load_state_dict`` (strict or not) and mmengine's
+    ``load_checkpoint`` alike; one log line per loaded module reports it
+    (:mod:`acmix_mm.ops.replaced_conv`). A checkpoint with ACMix keys for the layer loads them as
+    usual.
 
     Attention branch, per head: ``logit_ij = q_i . (k_j + pe_i - pe_j)`` with q scaled by
     ``head_dim ** -0.5``, softmax over the window positions j, ``out_i = sum_j a_ij v_j``.
@@ -147,10 +192,8 @@ class ACMix(nn.Module):
         self.conv3 = nn.Conv2d(in_channels, out_channels, kernel_size=1)  # v
         self.conv_p = nn.Conv2d(2, self.head_dim, kernel_size=1)
         self.fc = nn.Conv2d(3 * head, kernel_conv * kernel_conv, kernel_size=1, bias=False)
-        self.dep_conv = nn.Conv2d(kernel_conv * kernel_conv * self.head_dim, out_channels,
-                                  kernel_size=kernel_conv, stride=stride,
-                                  padding=dilation * (kernel_conv // 2), dilation=dilation,
-                                  groups=self.head_dim, bias=False)
+        self.dep_conv = ShiftConv2d(kernel_conv * kernel_conv * self.head_dim, out_channels,
+                                    kernel_conv, stride, dilation, groups=self.head_dim)
         self.reset_parameters()
 
     def shift_kernel(self) -> torch.Tensor:
@@ -176,6 +219,13 @@ class ACMix(nn.Module):
         return (f'{self.in_channels}, {self.out_channels}, kernel_att={self.kernel_att}, '
                 f'head={self.head}, kernel_conv={self.kernel_conv}, stride={self.stride}, '
                 f'dilation={self.dilation}, attn_impl={self.attn_impl!r}')
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        take_replaced_conv(self, state_dict, prefix,
+                           (self.out_channels, self.in_channels) + self.dep_conv.kernel_size)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> (B, C_out, ceil(H / stride), ceil(W / stride))."""
@@ -229,7 +279,7 @@ class ACMix(nn.Module):
     def _attention(self, qkv: torch.Tensor) -> torch.Tensor:
         """Local-attention branch. (B, C_out, H_out, W_out) in qkv's dtype."""
         b, _, h, w = qkv.shape
-        s, dim = self.stride, self.head_dim
+        s, dim = self.dep_conv.stride[0], self.head_dim
         out_dtype = qkv.dtype
         # Half-precision logits overflow easily (|q.k| > 65504); compute the branch in fp32.
         compute_dtype = torch.float32 if out_dtype in _HALF_DTYPES else out_dtype
@@ -247,7 +297,7 @@ class ACMix(nn.Module):
         q_pos = torch.stack([(q * w_p[:, c].view(dim, 1, 1)).sum(2) for c in range(2)], dim=2)
         coord_x = torch.linspace(-1.0, 1.0, w, dtype=compute_dtype, device=qkv.device)
         coord_y = torch.linspace(-1.0, 1.0, h, dtype=compute_dtype, device=qkv.device)
-        out = local_attention(q, k, v, q_pos, coord_x, coord_y, self.kernel_att, self.dilation,
-                              s, scale, impl=self.attn_impl)
+        out = local_attention(q, k, v, q_pos, coord_x, coord_y, self.kernel_att,
+                              self.dep_conv.dilation[0], s, scale, impl=self.attn_impl)
         out = out.reshape(b, self.out_channels, *out.shape[-2:])
         return out.to(out_dtype)

@@ -305,18 +305,27 @@ class ResNetACMix(ACMixBackbone):
                 m.reset_parameters()
 
     def load_pretrained(self, path: str):
-        """Load an ImageNet ResNet-ACMix checkpoint without running code from the file.
+        """Load ImageNet weights safely: a ResNet-ACMix file, or a stock ResNet of this depth.
 
-        Accepts the authors' layout (``{'model': state_dict, ...}``, keys as here) and mmengine /
-        Lightning / whole-detector files (see :mod:`acmix_mm.models.checkpoint`). The classifier
-        ``fc.*`` has no counterpart here and is dropped; the summary is logged. Any other
-        missing, unexpected or mis-shaped key raises ``CheckpointError``.
+        Accepted: the authors' layout (``{'model': state_dict, ...}``, keys as here); a stock
+        torchvision ResNet (``torchvision://resnet50``, a URL or a local file); mmdet/mmpretrain
+        files (``backbone.`` prefix) and mmengine / Lightning wrappers (see
+        :mod:`acmix_mm.models.checkpoint`). The classifier ``fc.*`` is dropped. From a stock
+        file, every layer that both networks have loads exactly; the 3x3 conv weights where
+        ACMix layers stand are dropped as unused and the ACMix layers keep their init
+        (:func:`~acmix_mm.models.checkpoint.take_replaced_convs`). The summary is logged in one
+        line. Any other missing, unexpected or mis-shaped key (a file of another depth or
+        family) raises ``CheckpointError`` before anything is loaded.
 
         Returns:
             The :class:`acmix_mm.models.checkpoint.LoadReport`.
         """
-        from ..checkpoint import convert_resnet_authors, load_backbone_weights
-        return load_backbone_weights(self, path, converter=convert_resnet_authors)
+        from ..checkpoint import convert_resnet_authors, load_backbone_weights, take_replaced_convs
+
+        def converter(state):
+            state, report = convert_resnet_authors(state)
+            return take_replaced_convs(state, self, report), report
+        return load_backbone_weights(self, path, converter=converter)
 
     # --------------------------------------------------------------- forward
     def _freeze_stages(self) -> None:
