@@ -98,6 +98,8 @@ class LoadReport:
         prefixes = tuple(f'{layer}.' for layer in self.replaced_layers)
         kept_acmix = [k for k in self.missing if prefixes and k.startswith(prefixes)]
         others = [k for k in self.missing if not (prefixes and k.startswith(prefixes))]
+        counters = [k for k in others if k.endswith('num_batches_tracked')]
+        others = [k for k in others if not k.endswith('num_batches_tracked')]
         reasons = collections.Counter(reason for _, reason in self.dropped
                                       if reason != REPLACED_CONV)
         dropped = '; '.join(f'{n} {reason}' for reason, n in reasons.items()) or 'none'
@@ -105,6 +107,8 @@ class LoadReport:
         line = (f'loaded {self.loaded} keys; renamed {len(self.converted)}; dropped '
                 f'{n_dropped} ({dropped}); kept at init {len(others)}'
                 + (f' ({short(others)})' if others else ''))
+        if counters:
+            line += f'; {len(counters)} BN num_batches_tracked counters not in the file (start at 0)'
         if self.replaced_layers:
             unused = sum(1 for _, reason in self.dropped if reason == REPLACED_CONV)
             line += '; ' + replaced_conv_summary(self.replaced_layers, unused, len(kept_acmix))

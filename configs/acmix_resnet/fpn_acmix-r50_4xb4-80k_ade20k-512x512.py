@@ -6,18 +6,15 @@
 # its 80k configs: SGD lr 0.01, momentum 0.9, weight decay 5e-4, poly decay, 16 images per
 # iteration (4 GPUs x 4), SyncBN (plain BN when run without a process group).
 #
-# Backbone weights: checkpoints/resnet_acmix50_imagenet.pth (relative to the repository root)
-# is loaded when present; otherwise the backbone starts from its own init. Any other path:
-# --cfg-options model.backbone.init_cfg.type=Pretrained model.backbone.init_cfg.checkpoint=PATH.
+# Backbone weights: no ImageNet ResNet-ACMix weights were ever released, so the backbone
+# warm-starts from torchvision's ImageNet ResNet-50 (mmseg's own base uses a V1c ResNet, a
+# different stem): every shared layer loads exactly, the ACMix layers keep their init. As in
+# mmseg's ResNet configs, nothing is frozen and SyncBN trains. With your own ResNet-ACMix file:
+# --cfg-options model.backbone.init_cfg.checkpoint=PATH.
 _base_ = [
     'mmseg::_base_/models/fpn_r50.py', 'mmseg::_base_/datasets/ade20k.py',
     'mmseg::_base_/default_runtime.py', 'mmseg::_base_/schedules/schedule_80k.py'
 ]
-# (_base_ must come before any import: mmengine treats a config whose first statement is an
-# import as a 'lazy import' config.)
-import os.path as osp
-
-acmix_pretrained = osp.normpath('{{fileDirname}}/../../checkpoints/resnet_acmix50_imagenet.pth')
 crop_size = (512, 512)
 data_preprocessor = dict(size=crop_size)
 
@@ -35,8 +32,7 @@ model = dict(
         norm_cfg=dict(type='SyncBN', requires_grad=True),
         norm_eval=False,
         style='pytorch',
-        init_cfg=(dict(type='Pretrained', checkpoint=acmix_pretrained)
-                  if osp.isfile(acmix_pretrained) else None)),
+        init_cfg=dict(type='Pretrained', checkpoint='torchvision://resnet50')),
     decode_head=dict(num_classes=150))
 
 optim_wrapper = dict(

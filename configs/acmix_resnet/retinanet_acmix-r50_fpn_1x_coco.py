@@ -4,14 +4,16 @@
 # recipe is mmdet 3.3.0's ResNet-50 RetinaNet, inherited unchanged except the backbone:
 # SGD lr 0.01 (16 images per iteration), momentum 0.9, weight decay 1e-4, 800x1333 input.
 #
-# Backbone weights: see mask-rcnn_acmix-r50_fpn_1x_coco.py (checkpoints/resnet_acmix50_imagenet.pth,
-# used when present; otherwise the backbone trains from its own init with nothing frozen).
+# Backbone weights: no ImageNet ResNet-ACMix weights were ever released, so the backbone
+# warm-starts from torchvision's ImageNet ResNet-50: every layer the two networks share loads
+# exactly, the 16 ACMix layers keep their init (one log line reports it), and the fine-tuning
+# recipe is mmdet's (BN statistics frozen) but for frozen_stages: 0 (the stem) instead of
+# mmdet's 1, because stage 1's three ACMix layers have no ImageNet weights and freezing them
+# would fix them at their random init. With your own ResNet-ACMix ImageNet file:
+# --cfg-options model.backbone.init_cfg.checkpoint=PATH model.backbone.frozen_stages=1.
+# Every 3x3 conv is ACMix here; configs/acmix_layer/ keeps stage 1 a pretrained conv and is
+# the better start (README).
 _base_ = 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'
-# (_base_ must come before any import: mmengine treats a config whose first statement is an
-# import as a 'lazy import' config.)
-import os.path as osp
-
-acmix_pretrained = osp.normpath('{{fileDirname}}/../../checkpoints/resnet_acmix50_imagenet.pth')
 
 model = dict(
     backbone=dict(
@@ -20,12 +22,11 @@ model = dict(
         depth=50,
         num_stages=4,
         out_indices=(0, 1, 2, 3),
-        frozen_stages=1 if osp.isfile(acmix_pretrained) else -1,
+        frozen_stages=0,
         norm_cfg=dict(type='BN', requires_grad=True),
-        norm_eval=osp.isfile(acmix_pretrained),
+        norm_eval=True,
         style='pytorch',
-        init_cfg=(dict(type='Pretrained', checkpoint=acmix_pretrained)
-                  if osp.isfile(acmix_pretrained) else None)))
+        init_cfg=dict(type='Pretrained', checkpoint='torchvision://resnet50')))
 
 optim_wrapper = dict(
     type='OptimWrapper',

@@ -174,6 +174,12 @@ class ACMixBackbone(BaseModule):
         pretrained = [c for c in cfgs if c is not None and c['type'] == 'Pretrained']
         others = [c for c in cfgs if c is not None and c['type'] != 'Pretrained']
         self._default_init()
+        if not pretrained:
+            print_log(f'{type(self).__name__}: no init_cfg Pretrained, so every layer starts from '
+                      'its own init (training from scratch). A from-scratch detector needs a '
+                      'recipe made for it (GN, a long schedule: configs/acmix_resnet/'
+                      '*-scratch_fpn_gn-all_6x_coco.py); on a 1x schedule expect a poor model.',
+                      logger='current', level=logging.WARNING)
         if others:
             init_cfg, self.init_cfg = self.init_cfg, others
             super().init_weights()

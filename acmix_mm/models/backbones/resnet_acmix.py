@@ -13,6 +13,7 @@ which are also the authors' checkpoint keys: their ImageNet state_dict loads wit
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Sequence
 from typing import Optional, Union
@@ -325,7 +326,16 @@ class ResNetACMix(ACMixBackbone):
         def converter(state):
             state, report = convert_resnet_authors(state)
             return take_replaced_convs(state, self, report), report
-        return load_backbone_weights(self, path, converter=converter)
+        report = load_backbone_weights(self, path, converter=converter)
+        frozen = tuple(f'layer{i}.' for i in range(1, self.frozen_stages + 1))
+        stuck = [name for name in report.replaced_layers if frozen and name.startswith(frozen)]
+        if stuck:
+            from mmengine.logging import print_log
+            print_log(f'ResNetACMix: frozen_stages={self.frozen_stages} freezes {len(stuck)} ACMix '
+                      f'layers that {path} leaves at their init ({", ".join(stuck)}): they will '
+                      f'never train. Use frozen_stages=0 (the stem only) with a stock ResNet file.',
+                      logger='current', level=logging.WARNING)
+        return report
 
     # --------------------------------------------------------------- forward
     def _freeze_stages(self) -> None:
