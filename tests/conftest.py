@@ -20,13 +20,24 @@ V1C_FILE = 'resnet50_v1c-2cccc1ad.pth'
 
 
 def randomised(state, seed: int) -> 'collections.OrderedDict':
-    """``state`` with every float tensor replaced by seeded random values of its shape."""
+    """``state`` with every float tensor replaced by seeded random values of its shape.
+
+    The values keep a trained network's scales (convs ~ N(0, 1/fan_in), BN weights near 1,
+    variances near 1, small shifts), so that a model that loads them still gives finite losses.
+    """
     gen = torch.Generator().manual_seed(seed)
     out = collections.OrderedDict()
     for key, value in state.items():
         if value.is_floating_point():
-            value = torch.rand(value.shape, generator=gen) + 0.5 if key.endswith('running_var') \
-                else torch.randn(value.shape, generator=gen)
+            noise = torch.randn(value.shape, generator=gen)
+            if value.dim() > 1:
+                value = noise * (value[0].numel() ** -0.5)
+            elif key.endswith('running_var'):
+                value = torch.rand(value.shape, generator=gen) + 0.5
+            elif key.endswith('weight'):
+                value = 1 + 0.1 * noise
+            else:
+                value = 0.1 * noise
         out[key] = value.clone()
     return out
 

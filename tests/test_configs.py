@@ -39,12 +39,32 @@ def syncbn_to_bn(node):
     return node
 
 
-def build(cfg: Config) -> torch.nn.Module:
+def offline_checkpoints(node, torchvision_files: dict):
+    """A copy of a config tree whose ``torchvision://NAME`` checkpoints of stock mmdet/mmseg
+    backbones name the cached file instead: mmengine needs torchvision to look such a name up.
+    ``open-mmlab://`` and acmix_mm's own backbones resolve through the hub cache as they are."""
+    if isinstance(node, dict):
+        out = {k: offline_checkpoints(v, torchvision_files) for k, v in node.items()}
+        init_cfg = out.get('init_cfg')
+        if (isinstance(init_cfg, dict) and str(out.get('type', '')).startswith('ResNet')
+                and str(init_cfg.get('checkpoint', '')).startswith('torchvision://')):
+            name = init_cfg['checkpoint'][len('torchvision://'):]
+            out['init_cfg'] = dict(init_cfg, checkpoint=str(torchvision_files[name]))
+        return out
+    if isinstance(node, (list, tuple)):
+        return type(node)(offline_checkpoints(v, torchvision_files) for v in node)
+    return node
+
+
+def build(cfg: Config, checkpoints=None) -> torch.nn.Module:
     from acmix_mm.registry import build_model
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     registry = _registry(cfg.default_scope)
     torch.manual_seed(0)
-    model = build_model(ConfigDict(syncbn_to_bn(cfg.model.to_dict())), registry=registry)
+    tree = syncbn_to_bn(cfg.model.to_dict())
+    if checkpoints is not None:
+        tree = offline_checkpoints(tree, checkpoints.paths)
+    model = build_model(ConfigDict(tree), registry=registry)
     model.init_weights()
     return model
 
@@ -94,9 +114,9 @@ def loss_step(model: torch.nn.Module, batch: dict) -> dict:
     assert torch.isfinite(total), log_vars
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.SGD(params, lr=1e-3)
-    stem = model.backbone.state_dict()
-    stem_key = next(iter(stem))
-    before = stem[stem_key].clone()
+    # The first backbone parameter that trains (warm-started configs freeze the stem).
+    name, first = next((n, p) for n, p in model.backbone.named_parameters() if p.requires_grad)
+    before = first.detach().clone()
     total.backward()
     for name, p in model.named_parameters():
         if p.requires_grad and p.grad is not None:
@@ -104,13 +124,16 @@ def loss_step(model: torch.nn.Module, batch: dict) -> dict:
     backbone_grads = [p.grad for p in model.backbone.parameters() if p.requires_grad]
     assert backbone_grads and all(g is not None for g in backbone_grads)
     optim.step()
-    assert not torch.equal(before, model.backbone.state_dict()[stem_key])  # the backbone learns
+    assert not torch.equal(before, first.detach()), name  # the backbone learns
     return log_vars
 
 
 # Every config runs by default: each takes 2-5 s on an idle 2-core CPU at this image size.
 @pytest.mark.parametrize('path', CONFIGS, ids=config_id)
-def test_config_builds_trains_and_predicts(path):
+def test_config_builds_trains_and_predicts(path, stock_checkpoints, monkeypatch):
+    # Pretrained files (torchvision://resnet50, open-mmlab://resnet50_v1c) come from a hub
+    # cache made offline, in the real files' layouts (tests/conftest.py).
+    monkeypatch.setenv('TORCH_HOME', stock_checkpoints.torch_home)
     cfg = Config.fromfile(str(path))
     scope = cfg.get('default_scope')
     assert scope in ('mmdet', 'mmseg'), f'{path}: default_scope {scope!r}'
@@ -119,7 +142,7 @@ def test_config_builds_trains_and_predicts(path):
         if scope == 'mmseg':
             # The crop size is only the training pad size; keep the small image unpadded.
             cfg.model.data_preprocessor.size = (H, W)
-            model = build(cfg)
+            model = build(cfg, stock_checkpoints)
             num_classes = cfg.model.decode_head.num_classes
             batch = seg_batch(num_classes, gen)
             # Two images in the loss step: UperNet's pyramid pooling has a 1x1 branch whose BN
@@ -139,7 +162,7 @@ def test_config_builds_trains_and_predicts(path):
                 assert pred.seg_logits.data.shape == (num_classes, H, W)
         else:
             with_masks = bool(cfg.model.get('roi_head', {}).get('mask_head'))
-            model = build(cfg)
+            model = build(cfg, stock_checkpoints)
             batch = det_batch(with_masks, gen)
             log_vars = loss_step(model, batch)
             assert any('loss_cls' in k for k in log_vars), log_vars
@@ -164,19 +187,51 @@ def test_every_config_is_covered():
     resnet = [p for p in CONFIGS if p.parent.name == 'acmix_resnet']
     assert {p.name for p in resnet} >= {
         'mask-rcnn_acmix-r50_fpn_1x_coco.py', 'retinanet_acmix-r50_fpn_1x_coco.py',
-        'fpn_acmix-r50_4xb4-80k_ade20k-512x512.py'}
+        'fpn_acmix-r50_4xb4-80k_ade20k-512x512.py',
+        'mask-rcnn_acmix-r50-scratch_fpn_gn-all_6x_coco.py'}
+    layer = {p.name for p in CONFIGS if p.parent.name == 'acmix_layer'}
+    assert layer == {'mask-rcnn_r50-acmix-c3-c5_fpn_1x_coco.py',
+                     'retinanet_r50-acmix-c3-c5_fpn_1x_coco.py',
+                     'upernet_r50-acmix-c3-c5_4xb4-80k_ade20k-512x512.py'}
 
 
-@pytest.mark.parametrize('path', [p for p in CONFIGS if p.parent.name == 'acmix_resnet'],
-                         ids=config_id)
-def test_resnet_configs_use_acmix_backbone_and_sgd(path):
+RESNET_ACMIX_CONFIGS = [p for p in CONFIGS if p.parent.name == 'acmix_resnet']
+
+
+@pytest.mark.parametrize('path', RESNET_ACMIX_CONFIGS, ids=config_id)
+def test_resnet_acmix_configs_warm_start_or_say_scratch(path):
+    """Warm start from torchvision's ResNet-50 by default; only the scratch recipe starts cold."""
     cfg = Config.fromfile(str(path))
     backbone = cfg.model.backbone
     assert backbone.type == 'acmix_mm.ResNetACMix' and backbone.depth == 50
     assert cfg.optim_wrapper.optimizer.type == 'SGD'
-    assert cfg.acmix_pretrained.endswith('checkpoints/resnet_acmix50_imagenet.pth')
-    ckpt_present = Path(cfg.acmix_pretrained).is_file()
-    assert (backbone.init_cfg is not None) == ckpt_present
+    if '-scratch_' in path.name:
+        assert backbone.init_cfg is None and backbone.norm_cfg.type == 'GN'
+        assert cfg.train_cfg.max_epochs == 73 and backbone.frozen_stages == -1
+    else:
+        assert backbone.init_cfg == dict(type='Pretrained', checkpoint='torchvision://resnet50')
+        # Stage 1 holds ACMix layers that a stock file leaves at init: never frozen.
+        assert backbone.get('frozen_stages', -1) <= 0
+        assert backbone.norm_eval == (cfg.default_scope == 'mmdet')
     # The upstream ResNet's arguments must not leak into ours (mmseg's contract_dilation...).
     assert not {'contract_dilation', 'deep_stem', 'avg_down'} & set(backbone)
     assert cfg.model.get('pretrained') is None
+
+
+@pytest.mark.parametrize('path', [p for p in CONFIGS if p.parent.name == 'acmix_layer'],
+                         ids=config_id)
+def test_acmix_layer_configs_change_only_the_backbones_acmix_lines(path, tmp_path):
+    """Each equals its stock base config but for dcn and stage_with_dcn in the backbone."""
+    cfg = Config.fromfile(str(path))
+    stock = tmp_path / 'stock.py'  # a config of the base line alone: the stock config
+    stock.write_text('_base_ = ' + path.read_text().split('_base_ = ', 1)[1].split('\n', 1)[0])
+    base = Config.fromfile(str(stock))
+    ours, theirs = cfg.to_dict(), base.to_dict()
+    backbone = ours['model'].pop('backbone')
+    stock_backbone = theirs['model'].pop('backbone')
+    assert backbone.pop('dcn') == dict(type='acmix_mm.ACMix', kernel_att=7, head=4)
+    assert backbone.pop('stage_with_dcn') == (False, True, True, True)
+    assert backbone == stock_backbone
+    assert ours['model'] == theirs['model']
+    assert {k: v for k, v in ours.items() if k != 'model'} == {
+        k: v for k, v in theirs.items() if k != 'model'}
