@@ -20,6 +20,7 @@ DET_DEMO = str(REPO / 'configs/demo/maskrcnn_acmix-r26-slim_shapes-coco.py')
 SEG_DEMO = str(REPO / 'configs/demo/semfpn_acmix-r26-slim_shapes-ade.py')
 R50_MASK_RCNN = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
 R50_SEM_FPN = 'mmseg::sem_fpn/fpn_r50_4xb4-160k_ade20k-512x512.py'
+R50_ACMIX_C3_C5 = str(REPO / 'configs/acmix_layer/mask-rcnn_r50-acmix-c3-c5_fpn_1x_coco.py')
 ROW = re.compile(r'^\| (A|B) \| (\S+) \| (\w+) \| ([^|]+) \| ([^|]+) \| ([^|]*) \|$')
 RATIO = re.compile(r'^\| A / B \| \| \| ([^|]+) \| ([^|]+) \| \|$')
 
@@ -90,6 +91,19 @@ def test_backbone_train_vs_mmdet_resnet50(capsys):
     assert abs(float(pairs.group(1)) - result['A']['time_ms'] / result['B']['time_ms']) < 6e-4
     assert 'mode train (forward + backward), part backbone' in out
     assert 'input 1x3x64x64' in out
+
+
+def test_stock_resnet_with_acmix_c3_c5_vs_resnet50(capsys):
+    """The acmix_layer config against its own base: both backbones are mmdet's ResNet."""
+    result, rows, out = run_cli(capsys, R50_ACMIX_C3_C5, '--vs', R50_MASK_RCNN, '--part',
+                                'backbone', '--mode', 'train', '--shape', '64', '64',
+                                '--warmup', '0', '--iters', '1')
+    assert set(rows) == {'A', 'B', 'A / B'}
+    assert rows['A']['backbone'] == rows['B']['backbone'] == 'ResNet'
+    for label in 'AB':
+        check_row(rows[label], result[label])
+        assert 'Pretrained init dropped' in rows[label]['notes']
+    check_ratio(rows)
 
 
 def test_model_train_with_masks_and_attn_impl(capsys):

@@ -24,6 +24,7 @@ DEMO_DET = REPO / 'configs/demo/maskrcnn_acmix-r26-slim_shapes-coco.py'
 DEMO_SEG = REPO / 'configs/demo/semfpn_acmix-r26-slim_shapes-ade.py'
 RETINANET = REPO / 'configs/acmix_resnet/retinanet_acmix-r50_fpn_1x_coco.py'
 SWIN = REPO / 'configs/acmix_swin/mask-rcnn_acmix-swin-t-p4-w7_fpn_1x_coco.py'
+STOCK_RETINANET = REPO / 'configs/acmix_layer/retinanet_r50-acmix-c3-c5_fpn_1x_coco.py'
 # RetinaNet with a slim ResNet-ACMix-26 (ACMix in stage 4: the backbone tests cover ACMix's
 # export; this one the detector's tensor mode) and 64-channel neck/head: the config's own
 # detector, small enough for the default test run.
@@ -105,6 +106,24 @@ def test_swin_backbone_matches_pytorch(tmp_path):
     got = E.run_onnxruntime(path, x)
     assert [g.shape for g in got] == [(1, 96, 18, 25), (1, 192, 9, 13), (1, 384, 5, 7),
                                       (1, 768, 3, 4)]
+    report = E.compare_outputs(target.output_names, _reference(target, x), got)
+    assert report.passed(1e-4), report.summary()
+
+
+def test_stock_resnet_with_acmix_stages_matches_pytorch(tmp_path):
+    """mmdet's own ResNet-50 with ACMix as its conv layer (dcn=ACMix), stage 4 only to keep the
+    export quick: the three ACMix layers go through 'unfold', the rest is the stock network."""
+    cfg = Config.fromfile(str(STOCK_RETINANET))
+    cfg.merge_from_dict({'model.backbone.stage_with_dcn': (False, False, False, True)})
+    target = E.build_export_target(cfg, 'backbone', shape=(64, 96))
+    assert type(target.module.module).__name__ == 'ResNet'
+    path = str(tmp_path / 'r50_acmix.onnx')
+    n_acmix, _ = E.export_onnx(target.module, target.inputs, path, target.output_names)
+    assert n_acmix == 3
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(5))
+    got = E.run_onnxruntime(path, x)
+    assert [g.shape for g in got] == [(1, 256, 16, 24), (1, 512, 8, 12), (1, 1024, 4, 6),
+                                      (1, 2048, 2, 3)]
     report = E.compare_outputs(target.output_names, _reference(target, x), got)
     assert report.passed(1e-4), report.summary()
 
