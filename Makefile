@@ -58,8 +58,9 @@ demo: $(STAMP)
 demo-seg: $(STAMP)
 	$(PY) tools/demo.py seg
 
-# The operator's table, then the issue's backbone comparisons (README "Results and benchmarks"):
-# ResNet-ACMix-50 vs ResNet-50 and Swin-ACMix-T vs Swin-T, fwd+bwd at 800x1344, 2 threads.
+# The operator's table, then the backbone comparisons (README "Results and benchmarks"):
+# ResNet-ACMix-50 vs ResNet-50, Swin-ACMix-T vs Swin-T and R50 with ACMix c3-c5 vs R50,
+# fwd+bwd at 800x1344, 2 threads.
 # Tens of minutes on a 2-core CPU.
 bench: $(STAMP)
 	$(PY) tools/benchmark_op.py
@@ -70,6 +71,9 @@ bench: $(STAMP)
 	$(PY) tools/benchmark.py configs/acmix_swin/mask-rcnn_acmix-swin-t-p4-w7_fpn_1x_coco.py \
 	    --vs mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py --part backbone --mode train \
 	    --shape 800 1344 --warmup 1 --iters 3 --threads 2
+	$(PY) tools/benchmark.py configs/acmix_layer/mask-rcnn_r50-acmix-c3-c5_fpn_1x_coco.py \
+	    --vs mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py --part backbone --mode train \
+	    --shape 800 1344 --warmup 1 --iters 5 --threads 2
 
 clean-venv:
 	rm -rf $(VENV)
