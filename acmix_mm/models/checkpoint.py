@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from ..ops import ACMix
-from ..ops.replaced_conv import replaced_conv_summary
+from ..ops.replaced_conv import replaced_conv_keys, replaced_conv_summary
 
 __all__ = [
     'CheckpointError', 'LoadReport', 'safe_load', 'extract_state_dict', 'convert_swin_authors',
@@ -595,18 +595,12 @@ def take_replaced_convs(state: Mapping[str, torch.Tensor], model: nn.Module,
     for name, module in model.named_modules():
         if not isinstance(module, ACMix):
             continue
-        prefix = f'{name}.'
-        if any(k.startswith(prefix) and k[len(prefix):] != 'bias' and k[len(prefix):] != 'weight'
-               for k in out):
-            continue  # ACMix keys for this layer: an ACMix file, checked as usual
-        weight = out.get(prefix + 'weight')
-        shape = (module.out_channels, module.in_channels) + tuple(module.dep_conv.kernel_size)
-        if weight is None or tuple(weight.shape) != shape:
-            continue
-        for key in (prefix + 'weight', prefix + 'bias'):
-            if key in out and (key.endswith('weight') or tuple(out[key].shape) == shape[:1]):
-                del out[key]
-                report.dropped.append((key, REPLACED_CONV))
+        unused = replaced_conv_keys(module, out, f'{name}.')
+        if unused is None:
+            continue  # ACMix keys for this layer (an ACMix file), or no conv: checked as usual
+        for key in unused:
+            del out[key]
+            report.dropped.append((key, REPLACED_CONV))
         report.replaced_layers.append(name)
     return out
 

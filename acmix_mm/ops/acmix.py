@@ -222,8 +222,7 @@ class ACMix(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
-        take_replaced_conv(self, state_dict, prefix,
-                           (self.out_channels, self.in_channels) + self.dep_conv.kernel_size)
+        take_replaced_conv(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

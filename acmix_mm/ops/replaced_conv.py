@@ -7,8 +7,8 @@ that entry unexpected and list every ACMix tensor (12 per layer) as missing: hun
 a ResNet-50, which hide any real mismatch.
 
 :func:`take_replaced_conv` (called by ``ACMix._load_from_state_dict``) recognises such an entry
-instead: a ``weight`` of the replaced conv's shape, and no ACMix key, at the layer's prefix. It
-takes the conv's tensors out of the loader's dict as unused and puts the layer's current tensors
+instead (:func:`replaced_conv_keys`: a ``weight`` of the replaced conv's shape, and no ACMix key,
+at the layer's prefix; acmix_mm's own backbone loader uses the same test). It takes the conv's tensors out of the loader's dict as unused and puts the layer's current tensors
 in, so that every ACMix tensor keeps its value through a strict or a non-strict load. Each load
 of a module then logs one line for all its ACMix layers, e.g.::
 
@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ['take_replaced_conv', 'replaced_conv_summary']
+__all__ = ['take_replaced_conv', 'replaced_conv_keys', 'replaced_conv_summary']
 
 logger = logging.getLogger(__name__)
 
@@ -48,32 +48,45 @@ def replaced_conv_summary(layers: Sequence[str], unused: int, kept: int) -> str:
             'their init')
 
 
-def take_replaced_conv(module: nn.Module, state_dict: Dict[str, torch.Tensor], prefix: str,
-                       conv_weight_shape: Tuple[int, ...]) -> bool:
-    """Swap a replaced conv's checkpoint entry for ``module``'s own tensors, in place.
+def replaced_conv_keys(module: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                       prefix: str) -> Optional[List[str]]:
+    """The keys of a replaced conv's entry that ``state_dict`` holds for ACMix ``module``, or None.
+
+    An entry is a conv's when ``state_dict`` has no ACMix key of ``module`` under ``prefix``
+    but a ``weight`` of the replaced conv's shape (C_out, C_in, k, k), with k ``module``'s
+    ``kernel_conv``; a ``bias`` of shape (C_out,) belongs to it too.
+    """
+    if any(key in state_dict for key in module.state_dict(prefix=prefix, keep_vars=True)):
+        return None
+    shape = (module.out_channels, module.in_channels) + tuple(module.dep_conv.kernel_size)
+    weight = state_dict.get(prefix + 'weight')
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != shape:
+        return None
+    bias = state_dict.get(prefix + 'bias')
+    if isinstance(bias, torch.Tensor) and tuple(bias.shape) == shape[:1]:
+        return [prefix + 'weight', prefix + 'bias']
+    return [prefix + 'weight']
+
+
+def take_replaced_conv(module: nn.Module, state_dict: Dict[str, torch.Tensor],
+                       prefix: str) -> bool:
+    """Swap a replaced conv's entry in a loader's dict for ``module``'s own tensors, in place.
 
     Args:
         module: the ACMix layer being loaded.
         state_dict: the loader's dict for ``module`` (keys start with ``prefix``); modified.
         prefix: ``module``'s key prefix, e.g. ``'layer2.0.conv2.'``.
-        conv_weight_shape: (C_out, C_in, k, k) of the conv that ``module`` replaces.
 
     Returns:
-        True if the entry was a replaced conv's (it was taken out and reported), False if the
-        dict holds ACMix keys for ``module`` or no conv of that shape (it loads as usual).
+        True if the dict held a replaced conv's entry (:func:`replaced_conv_keys`: taken out and
+        reported), False otherwise (it loads as usual).
     """
-    own = module.state_dict(prefix=prefix, keep_vars=True)
-    if any(key in state_dict for key in own):
+    unused = replaced_conv_keys(module, state_dict, prefix)
+    if unused is None:
         return False
-    weight = state_dict.get(prefix + 'weight')
-    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != tuple(conv_weight_shape):
-        return False
-    unused = [prefix + 'weight']
-    bias = state_dict.get(prefix + 'bias')
-    if isinstance(bias, torch.Tensor) and tuple(bias.shape) == (conv_weight_shape[0],):
-        unused.append(prefix + 'bias')
     for key in unused:
         del state_dict[key]
+    own = module.state_dict(prefix=prefix, keep_vars=True)
     for key, value in own.items():
         # A copy: the loaders copy_ (or, with assign=True, adopt) what they find here.
         state_dict[key] = value.detach().clone()
