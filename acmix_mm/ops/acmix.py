@@ -16,6 +16,7 @@ maps of 1-3 px, half precision / float64, ``kernel_conv != 3`` and ``dilation > 
 """
 from __future__ import annotations
 
+import math
 from typing import Tuple
 
 import torch
@@ -62,6 +63,11 @@ class ShiftConv2d(nn.Module):
         self.padding = (dilation * (kernel_size // 2),) * 2
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kernel_size,
                                                kernel_size))
+        self.register_parameter('bias', None)  # as a bias-free nn.Conv2d: no state_dict entry
+        # nn.Conv2d's own default init, drawn from the generator like one: ACMix replaces it with
+        # the shift at once, but seeded models then draw the numbers they drew when dep_conv
+        # was an nn.Conv2d.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation,
