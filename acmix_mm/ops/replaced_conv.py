@@ -8,9 +8,10 @@ a ResNet-50, which hide any real mismatch.
 
 :func:`take_replaced_conv` (called by ``ACMix._load_from_state_dict``) recognises such an entry
 instead (:func:`replaced_conv_keys`: a ``weight`` of the replaced conv's shape, and no ACMix key,
-at the layer's prefix; acmix_mm's own backbone loader uses the same test). It takes the conv's tensors out of the loader's dict as unused and puts the layer's current tensors
-in, so that every ACMix tensor keeps its value through a strict or a non-strict load. Each load
-of a module then logs one line for all its ACMix layers, e.g.::
+at the layer's prefix; acmix_mm's own backbone loader uses the same test). It takes the conv's
+tensors out of the loader's dict as unused and puts the layer's current tensors in, so that
+every ACMix tensor keeps its value through a strict or a non-strict load. Each load of a module
+then logs one line for all its ACMix layers, e.g.::
 
     ResNet: 13 ACMix layers replace convs of the checkpoint (layer2.0.conv2, layer2.1.conv2, ...,
     layer4.2.conv2): its 13 conv tensors there are unused; the layers' 156 ACMix tensors keep

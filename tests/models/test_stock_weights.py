@@ -238,3 +238,16 @@ def test_bad_checkpoint_uris(uri, message):
     with pytest.raises(ValueError) as info:
         resolve_checkpoint(uri)
     assert message in str(info.value)
+
+
+def test_failed_download_names_the_url_and_leaves_no_file(tmp_path, monkeypatch):
+    """A URL that cannot be fetched (a closed loopback port): a clear error, nothing cached."""
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path))
+    with pytest.raises(CheckpointError) as info:
+        resolve_checkpoint('http://127.0.0.1:9/resnet50-0676ba61.pth')
+    message = str(info.value)
+    assert message.startswith("checkpoint 'http://127.0.0.1:9/resnet50-0676ba61.pth': downloading "
+                              'http://127.0.0.1:9/resnet50-0676ba61.pth into ')
+    assert 'put the file there by hand or name a local path' in message
+    folder = tmp_path / 'hub' / 'checkpoints'
+    assert not folder.exists() or list(folder.iterdir()) == []
