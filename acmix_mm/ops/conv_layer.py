@@ -84,21 +84,9 @@ class ACMixConv2d(ACMix):
                  groups: int = 1, bias: bool = True, *, kernel_att: int = 7, head: int = 4,
                  attn_impl: str = 'auto') -> None:
         k = _square('kernel_size', kernel_size)
-        s = _square('stride', stride)
-        d = _square('dilation', dilation)
         if k < 1 or k % 2 == 0:
             raise ValueError(f'ACMix conv layer: kernel_size must be odd and positive (it is the '
                              f'shift branch\'s centred kernel), got {kernel_size!r}')
-        if d < 1 or s < 1:
-            raise ValueError(f'ACMix conv layer: stride and dilation must be positive, got '
-                             f'stride={stride!r}, dilation={dilation!r}')
-        same = d * (k - 1) // 2
-        if padding is not None and _square('padding', padding) != same:
-            raise ValueError(
-                f'ACMix conv layer: padding={padding!r} would not give the output size of the conv '
-                f'it replaces; ACMix outputs ceil(H / stride), which a conv gets with padding = '
-                f'dilation * (kernel_size - 1) // 2 = {same} here (kernel_size={k}, dilation={d}). '
-                f'Allowed: None or {same}')
         if groups != 1:
             raise ValueError(
                 f'ACMix conv layer: groups={groups!r} is not supported; allowed: 1. ACMix replaces '
@@ -107,12 +95,22 @@ class ACMixConv2d(ACMix):
                 f'ResNet, or leave the grouped stages out of stage_with_dcn')
         if not isinstance(bias, bool):
             raise ValueError(f'ACMix conv layer: bias must be True or False, got {bias!r}')
+        # ACMix checks stride and dilation (positive ints) and builds dep_conv, whose geometry
+        # (pairs, the size-keeping padding) is the conv's.
         super().__init__(in_channels, out_channels, kernel_att=kernel_att, head=head,
-                         kernel_conv=k, stride=s, dilation=d, attn_impl=attn_impl)
-        self.kernel_size = (k, k)
-        self.stride = (s, s)
-        self.padding = (same, same)
-        self.dilation = (d, d)
+                         kernel_conv=k, stride=_square('stride', stride),
+                         dilation=_square('dilation', dilation), attn_impl=attn_impl)
+        geometry = self.dep_conv
+        if padding is not None and _square('padding', padding) != geometry.padding[0]:
+            raise ValueError(
+                f'ACMix conv layer: padding={padding!r} would not give the output size of the conv '
+                f'it replaces; ACMix outputs ceil(H / stride), which a conv gets with padding = '
+                f'dilation * (kernel_size - 1) // 2 = {geometry.padding[0]} here (kernel_size={k}, '
+                f'dilation={geometry.dilation[0]}). Allowed: None or {geometry.padding[0]}')
+        self.kernel_size = geometry.kernel_size
+        self.stride = geometry.stride
+        self.padding = geometry.padding
+        self.dilation = geometry.dilation
         self.groups = 1
         self.output_padding = (0, 0)
         self.bias = None
