@@ -101,7 +101,7 @@ class ACMix(nn.Module):
             ``torch.export``), ``'lean'`` otherwise (and under ``torch.compile`` unless the C++
             kernel is already loaded). Or force one: ``'cpp'``, ``'lean'`` (memory-lean
             offset loop in PyTorch ops, any device/dtype), ``'unfold'`` (straightforward
-            reference, ~5x the memory) or ``'triton'``.
+            reference; it keeps every window for backward) or ``'triton'``.
 
     Parameters (the authors' names; shapes for C_in = C_out = 64, head = 4: 17,822 in total):
 
@@ -157,8 +157,8 @@ class ACMix(nn.Module):
     - ``fc`` then ``dep_conv`` run as one grouped conv with the product kernel (both are
       linear), so the (B, head_dim * kernel_conv**2, H, W) intermediate is never stored;
     - ``attn_impl='lean'`` and ``'cpp'`` never materialise the (B, C, kernel_att**2, H, W)
-      windows and keep ~10x the input's bytes for backward (C = 64) instead of the authors'
-      ~110x.
+      windows: for backward they keep only their operands (q, k, v as views of the
+      projection) and the attention weights (B, head, kernel_att**2, H_out, W_out).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_att: int = 7, head: int = 4,
@@ -274,8 +274,8 @@ class ACMix(nn.Module):
         k2 = self.kernel_conv * self.kernel_conv
         fc_weight = self.fc.weight.view(k2, 3 * self.head)
         # A channels-last weight makes oneDNN run this grouped conv (12 inputs, head outputs
-        # per group) in NHWC, copying its input: measured 1.6x (stage 1) to 4x (stage 2)
-        # faster forward+backward on CPU than its NCHW kernel, copies included.
+        # per group) in NHWC, copying its input: faster forward+backward on CPU than its NCHW
+        # kernel, copies included (figures: docs/benchmarks.md).
         weight = torch.einsum('otyx,tj->ojyx', self.dep_conv.weight, fc_weight).contiguous(
             memory_format=torch.channels_last)
         return F.conv2d(qkv, weight.to(qkv.dtype), None, self.dep_conv.stride,

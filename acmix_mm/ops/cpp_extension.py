@@ -1,13 +1,13 @@
 """Builds and loads the C++ CPU local-attention kernel (``csrc/local_attention.cpp``) on first use.
 
 The extension is compiled just in time with :func:`torch.utils.cpp_extension.load` (g++ and
-ninja) the first time it is needed on a machine (~30-60 s), into a cache directory, and reused
-afterwards (loading then takes well under a second). The directory name contains the torch
-version and a hash of the source, the compiler flags and the CPU's instruction-set flags (the
-code is built with ``-march=native``), so a torch upgrade, an edited kernel or a different CPU
-sharing the cache builds a fresh copy instead of loading a stale or illegal one. Concurrent
-builds are safe: within a process a lock serialises them, across processes torch's file baton
-in the build directory does.
+ninja) the first time it is needed on a machine, into a cache directory, and loaded from there
+afterwards without a rebuild. The directory name contains the torch version and a hash of the
+source, the compiler flags and the CPU's instruction-set flags (the code is built with
+``-march=native``), so a torch upgrade, an edited kernel or a different CPU sharing the cache
+builds a fresh copy instead of loading a stale or illegal one. Concurrent builds are safe:
+within a process a lock serialises them, across processes torch's file baton in the build
+directory does.
 
 Cache location: ``$ACMIX_MM_EXTENSIONS_DIR`` if set, else ``~/.cache/acmix_mm/torch_extensions``.
 Set ``ACMIX_MM_DISABLE_CPP=1`` to never build it (``attn_impl='auto'`` then uses ``'lean'``).
@@ -99,7 +99,6 @@ def _first_error_line(log: str) -> str:
         if 'error:' in lower or 'not found' in lower or 'no such file' in lower:
             return line
     return lines[-1] if lines else 'unknown error'
-
 
 
 def extension_available() -> bool:

@@ -31,11 +31,10 @@ import sys
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
+from mmengine.logging import print_log
 from torch import nn
 
 __all__ = ['take_replaced_conv', 'replaced_conv_keys', 'replaced_conv_summary']
-
-logger = logging.getLogger(__name__)
 
 
 def replaced_conv_summary(layers: Sequence[str], unused: int, kept: int) -> str:
@@ -142,9 +141,5 @@ def _root_of_current_load() -> Optional[nn.Module]:
 
 
 def _log(message: str) -> None:
-    try:
-        from mmengine.logging import print_log
-    except ImportError:  # acmix_mm.ops needs torch only
-        logger.info(message)
-        return
+    # mmengine's current logger: the run's log file and console, as the loaders' own reports.
     print_log(message, logger='current', level=logging.INFO)

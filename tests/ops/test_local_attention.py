@@ -11,9 +11,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from acmix_mm.ops import ACMix, cpp_extension
-from acmix_mm.ops.local_attention import (cpp_local_attention, lean_local_attention,
-                                          local_attention, reflect_index, reflect_pad,
-                                          resolve_attn_impl, unfold_local_attention)
+from acmix_mm.ops.cpp_attention import cpp_local_attention
+from acmix_mm.ops.lean_attention import lean_local_attention
+from acmix_mm.ops.local_attention import (local_attention, resolve_attn_impl,
+                                          unfold_local_attention)
+from acmix_mm.ops.window import reflect_index, reflect_pad
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -201,8 +201,8 @@ def test_bad_inputs_are_named(bad, match):
 @pytest.mark.parametrize('pad', [0, 1, 3, 6])
 def test_inverse_padding_tables(size, pad):
     """Each padded position is listed exactly once, under the pixel it reads."""
-    from acmix_mm.ops.local_attention import reflect_index
     from acmix_mm.ops.triton_local_attention import _tables
+    from acmix_mm.ops.window import reflect_index
     table, inverse, max_count = _tables(size, pad, 'cpu')
     expected = reflect_index(size, pad)
     assert table.dtype == torch.int32 and torch.equal(table.long(), expected)
@@ -271,16 +271,18 @@ def test_kernels_compile_for_sm90_without_spills(head_dim, io, compute):
     """The launch configuration ACMix gets compiles for an H100 and spills no registers."""
     import triton.language as tl
 
+    from acmix_mm.ops import triton_kernels
     from acmix_mm.ops import triton_local_attention as mod
     dtype = {'fp32': torch.float32, 'fp64': torch.float64}[compute]
     block_d, block_dv, block_p, num_warps = mod._launch_config(head_dim, head_dim, dtype)
     cdt = {'fp32': tl.float32, 'fp64': tl.float64}[compute]
     meta = dict(KERNEL=7, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_P=block_p, CDT=cdt)
-    for fn in (mod._fwd_kernel, mod._bwd_query_kernel, mod._bwd_key_kernel):
+    for fn in (triton_kernels.fwd_kernel, triton_kernels.bwd_query_kernel,
+               triton_kernels.bwd_key_kernel):
         usage = _compile_sm90(fn, io, compute, meta, num_warps)
         assert usage['STACK'] == 0, f'{fn.__name__} spills at head_dim {head_dim}: {usage}'
         assert usage['REG'] <= 255, usage
-    usage = _compile_sm90(mod._fold_kernel, compute, compute,
+    usage = _compile_sm90(triton_kernels.fold_kernel, compute, compute,
                           dict(MAX_R=2, MAX_C=2, BLOCK_P=256, CDT=cdt), 4)
     assert usage['STACK'] == 0, usage
 
