@@ -57,19 +57,22 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import warnings
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from .checkpoint import atomic_write, check_model_fits, load_checkpoint_dict, model_state_dict
+from .ops import ACMix
+from .tool_models import build_tool_model, default_input_shape
+
 __all__ = [
     'PARTS', 'EXPORTERS', 'DEFAULT_OPSET', 'OPSET_RANGE', 'TOLERANCE', 'ExportError',
     'ParityReport',
     'exportable_attention', 'flatten_outputs', 'FlatOutputs', 'check_exportable_model',
     'build_export_target', 'ExportTarget', 'export_onnx', 'run_onnxruntime', 'compare_outputs',
-    'default_shape', 'check_shape',
+    'check_shape',
 ]
 
 PARTS = ('backbone', 'model')
@@ -80,8 +83,6 @@ OPSET_RANGE = {'torchscript': (11, 20), 'dynamo': (18, 23)}
 DEFAULT_OPSET = {'torchscript': 17, 'dynamo': 18}
 # --check fails above this difference (relative to max(1, the output's largest magnitude)).
 TOLERANCE = 1e-4
-DEFAULT_DET_SHAPE = (800, 1344)  # 800 x 1333 padded to mmdet's pad_size_divisor of 32
-DEFAULT_SEG_SHAPE = (512, 512)
 
 
 class ExportError(ValueError):
@@ -97,8 +98,6 @@ def exportable_attention(model: nn.Module) -> Iterator[int]:
     'unfold' computes the same attention with index_select, slicing, stack and softmax, which
     export. Yields the number of ACMix modules switched; restores their settings on exit.
     """
-    from .ops import ACMix
-
     saved: List[Tuple[nn.Module, str]] = []
     for module in model.modules():
         if isinstance(module, ACMix):
@@ -221,14 +220,6 @@ def check_exportable_model(model: nn.Module) -> Tuple[str, ...]:
                       f'encoder-decoders; {name} is neither (export --part backbone instead)')
 
 
-def default_shape(cfg: Any) -> Tuple[int, int]:
-    """Default export size: 800 x 1344 for mmdet configs, the crop size (else 512) for mmseg."""
-    if cfg.get('default_scope') == 'mmseg':
-        crop = cfg.get('crop_size')
-        return tuple(int(v) for v in crop) if crop else DEFAULT_SEG_SHAPE
-    return DEFAULT_DET_SHAPE
-
-
 def check_shape(shape: Sequence[Any]) -> Tuple[int, int]:
     """(H, W) as positive ints, or an ExportError naming the bad value."""
     if len(shape) != 2:
@@ -293,14 +284,11 @@ def _load_weights(model: nn.Module, part: str, checkpoint: str) -> str:
     A whole-model checkpoint (keys ``backbone.*``, Lightning or mmengine layout) loads into the
     whole model; for ``part='backbone'`` a backbone-only state dict loads into the backbone.
     """
-    from .lightning.checkpoint import (check_compatible, load_checkpoint_file,
-                                       model_state_dict)
-
-    state_dict = model_state_dict(load_checkpoint_file(checkpoint))
+    state_dict = model_state_dict(load_checkpoint_dict(checkpoint))
     target = model
     if part == 'backbone' and not any(k.startswith('backbone.') for k in state_dict):
         target = model.backbone
-    check_compatible(target, state_dict, checkpoint)
+    check_model_fits(target, state_dict, checkpoint)
     target.load_state_dict(state_dict, strict=True)
     where = 'the backbone' if target is not model else 'the whole model'
     return f'weights from {checkpoint} ({len(state_dict)} tensors, into {where})'
@@ -309,14 +297,15 @@ def _load_weights(model: nn.Module, part: str, checkpoint: str) -> str:
 def build_export_target(cfg: Any, part: str, checkpoint: Optional[str] = None,
                         shape: Optional[Sequence[int]] = None, batch: int = 1,
                         seed: int = 0, dynamic_batch: bool = False) -> ExportTarget:
-    """Build the config's model (eval, SyncBN reverted), load weights, wrap the part to export.
+    """Build the config's model (:func:`acmix_mm.tool_models.build_tool_model`: SyncBN reverted,
+    seeded init), load weights, put it in eval mode and wrap the part to export.
 
     Args:
         cfg: an mmengine ``Config`` of an mmdet or mmseg model (``default_scope`` set).
         part: ``'backbone'`` or ``'model'`` (see the module docstring).
         checkpoint: a checkpoint file, read safely (weights_only); None: randomly initialised
             weights from ``torch.manual_seed(seed)`` (the modules' default init).
-        shape: (H, W) in pixels; None: :func:`default_shape`.
+        shape: (H, W) in pixels; None: :func:`acmix_mm.tool_models.default_input_shape`.
         batch: the batch size B of the example input (and of the file, unless dynamic_batch).
         seed: seeds the random init (without ``checkpoint``) and the example input.
         dynamic_batch: record a dynamic batch dimension in the metadata (pass the same flag to
@@ -326,33 +315,18 @@ def build_export_target(cfg: Any, part: str, checkpoint: Optional[str] = None,
         ExportError: bad part/shape/batch, an unsupported config scope or model type.
         FileNotFoundError, ValueError: a missing or unfitting checkpoint.
     """
-    from mmengine.config import ConfigDict
-    from mmengine.model import revert_sync_batchnorm
-    from mmengine.registry import DefaultScope, init_default_scope
-
-    from .registry import build_model
-
     if part not in PARTS:
         raise ExportError(f'part must be one of {PARTS}, got {part!r}')
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ExportError(f'batch must be a positive int, got {batch!r}')
-    height, width = check_shape(shape if shape is not None else default_shape(cfg))
+    height, width = check_shape(shape if shape is not None else default_input_shape(cfg))
     if checkpoint is not None and not os.path.isfile(checkpoint):
         raise FileNotFoundError(f'checkpoint file {checkpoint!r} does not exist')
-    scope = cfg.get('default_scope')
-    if scope not in ('mmdet', 'mmseg'):
-        raise ExportError("export handles configs with default_scope 'mmdet' or 'mmseg', got "
-                          f'{scope!r}')
-    if 'model' not in cfg:
-        raise ExportError('the config has no model section')
-    init_default_scope(scope)
-    with DefaultScope.overwrite_default_scope(scope):
-        registry = (__import__('mmdet.registry', fromlist=['MODELS']) if scope == 'mmdet'
-                    else __import__('mmseg.registry', fromlist=['MODELS'])).MODELS
-        model_cfg = cfg.model.to_dict() if isinstance(cfg.model, ConfigDict) else dict(cfg.model)
-        torch.manual_seed(seed)
-        # SyncBN (mmseg's configs) becomes BN: its single-process equivalent, as for FLOPs.
-        model = revert_sync_batchnorm(build_model(ConfigDict(model_cfg), registry=registry))
+    try:
+        built = build_tool_model(cfg, seed, what='export')
+    except ValueError as err:
+        raise ExportError(str(err)) from None
+    model, scope, model_cfg = built.model, built.scope, built.model_cfg
     if checkpoint is not None:
         weights = _load_weights(model, part, checkpoint)
     else:
@@ -430,13 +404,7 @@ def export_onnx(module: nn.Module, inputs: torch.Tensor, path: str,
                           f'exporter {exporter!r}')
     dynamic_axes = ({name: {0: 'batch'} for name in ['input', *output_names]}
                     if dynamic_batch else None)
-    path = os.path.abspath(os.fspath(path))
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp',
-                               dir=folder)
-    os.close(fd)
-    try:
+    with atomic_write(path) as tmp:
         with exportable_attention(module) as n_acmix, torch.no_grad(), \
                 warnings.catch_warnings():
             # The tracer warns about every Python int taken from a shape: by design here
@@ -467,10 +435,6 @@ def export_onnx(module: nn.Module, inputs: torch.Tensor, path: str,
         onnx.save(proto, tmp)
         if verify is not None:
             verify(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return n_acmix, opset
 
 

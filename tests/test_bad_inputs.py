@@ -8,6 +8,7 @@ tests/lightning/test_seg_checks.py) appear here only where this table asserts mo
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -27,7 +28,8 @@ from acmix_mm.datasets.ade_layout import ADE20KLayoutDataset
 from acmix_mm.datasets.synthetic import generate_ade_scenes
 from acmix_mm.datasets.validation import CheckedCocoDataset, build_dataset, skipped_summary, validate_dataset
 from acmix_mm.lightning import train
-from acmix_mm.lightning.config import LoopSpec, check_lightning_section
+from acmix_mm.lightning.section import check_lightning_section
+from acmix_mm.lightning.spec import LoopSpec
 from acmix_mm.models.backbones.resnet_acmix import ResNetACMix
 from acmix_mm.models.backbones.swin_acmix import SwinACMix
 
@@ -468,9 +470,20 @@ def test_checked_dataset_trains_through_the_data_module(ctx):
     assert np.isfinite(sample['data_samples'].gt_instances.bboxes.numpy()).all()
 
 
-def test_lightning_keys_agree_with_the_trainer():
-    from acmix_mm.lightning import config, trainer
-    assert set(config.LIGHTNING_KEYS) == set(trainer.LIGHTNING_KEYS)
-    assert set(config.CHECKPOINT_KEYS) == set(trainer.CHECKPOINT_KEYS)
-    assert set(config.PRECISIONS) == set(trainer.PRECISIONS)
-    assert set(config.LOGGERS) == set(trainer.LOGGERS)
+def test_lightning_section_keys_are_defined_once():
+    # The allowed keys are the fields of the checked section, and each one reaches the spec.
+    from acmix_mm.lightning import section
+    assert section.LIGHTNING_KEYS == (
+        'accelerator', 'devices', 'num_nodes', 'strategy', 'precision', 'find_unused_parameters', 'nan_policy',
+        'per_sample_seed', 'sync_bn', 'log_every_n_steps', 'num_sanity_val_steps', 'enable_progress_bar',
+        'checkpoint', 'loggers', 'trainer_kwargs')
+    full = dict(accelerator='cpu', devices=2, num_nodes=3, strategy='ddp', precision='bf16-mixed',
+                find_unused_parameters=True, nan_policy='skip', per_sample_seed=False, sync_bn='keep',
+                log_every_n_steps=7, num_sanity_val_steps=2, enable_progress_bar=False,
+                checkpoint=dict(save_top_k=2), loggers='csv', trainer_kwargs=dict(max_time='00:01:00:00'))
+    parsed = section.LightningSection.from_config(full)
+    assert parsed.loggers == ('csv',) and dict(parsed.checkpoint) == dict(save_top_k=2)
+    assert [getattr(parsed, k) for k in ('accelerator', 'devices', 'num_nodes', 'nan_policy', 'sync_bn')] == \
+        ['cpu', 2, 3, 'skip', 'keep']
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        parsed.nan_policy = 'raise'

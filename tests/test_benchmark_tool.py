@@ -157,7 +157,8 @@ def test_without_pretrained_and_set_attn_impl():
                neck=dict(init_cfg=[dict(type='Xavier', layer='Conv2d'),
                                    dict(type='Pretrained', checkpoint='x.pth')]),
                head=dict(init_cfg=dict(type='Normal', std=0.01)))
-    out, dropped = tool.without_pretrained(cfg)
+    from acmix_mm.tool_models import without_pretrained
+    out, dropped = without_pretrained(cfg)
     assert dropped == 3
     assert out['backbone']['init_cfg'] is None and out['pretrained'] is None
     assert out['neck']['init_cfg'] == [dict(type='Xavier', layer='Conv2d')]

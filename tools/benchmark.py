@@ -53,12 +53,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from acmix_mm.utils.cli import non_negative_int, positive_int  # noqa: E402
+from acmix_mm.tool_models import SCOPES, build_tool_model, config_scope, default_input_shape
+from acmix_mm.utils.cli import non_negative_int, positive_int
 
-SCOPES = ('mmdet', 'mmseg')
-DEFAULT_DET_SHAPE = (800, 1344)  # 800x1333 padded to mmdet's size divisor 32
-DEFAULT_SEG_SHAPE = (512, 512)
 MIB = 2 ** 20
 
 
@@ -133,42 +130,6 @@ def resolve_config_path(name: str) -> str:
     return name
 
 
-def without_pretrained(node: Any) -> Tuple[Any, int]:
-    """A copy of a model config without ``Pretrained`` init_cfgs and with ``pretrained=None``.
-
-    Returns (the copy, how many were dropped). Weights do not change what an iteration costs,
-    and the files (torchvision://, URLs, checkpoints/...) need not exist here.
-    """
-    dropped = 0
-
-    def is_pretrained(init: Any) -> bool:
-        return isinstance(init, dict) and init.get('type') == 'Pretrained'
-
-    def walk(obj: Any) -> Any:
-        nonlocal dropped
-        if isinstance(obj, dict):
-            out = {}
-            for key, value in obj.items():
-                if key == 'init_cfg' and is_pretrained(value):
-                    dropped += 1
-                    out[key] = None
-                elif key == 'init_cfg' and isinstance(value, (list, tuple)):
-                    kept = [v for v in value if not is_pretrained(v)]
-                    dropped += len(value) - len(kept)
-                    out[key] = [walk(v) for v in kept] or None
-                elif key == 'pretrained' and isinstance(value, str):
-                    dropped += 1
-                    out[key] = None
-                else:
-                    out[key] = walk(value)
-            return out
-        if isinstance(obj, (list, tuple)):
-            return type(obj)(walk(v) for v in obj)
-        return obj
-
-    return walk(node), dropped
-
-
 def load_config(name: str, cfg_options: Optional[dict] = None):
     """The mmengine Config of ``name`` (path or ``mmdet::``/``mmseg::``) with the options merged."""
     from mmengine.config import Config
@@ -176,28 +137,8 @@ def load_config(name: str, cfg_options: Optional[dict] = None):
     cfg = Config.fromfile(resolve_config_path(name))
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
-    scope = cfg.get('default_scope')
-    if scope not in SCOPES:
-        raise ValueError(f'config {name!r}: default_scope must be one of {SCOPES} (an mmdet or '
-                         f'mmseg config), got {scope!r}')
-    if 'model' not in cfg:
-        raise ValueError(f'config {name!r} has no model')
+    config_scope(cfg, f'the benchmark (config {name!r})')
     return cfg
-
-
-def default_shape(cfg) -> Tuple[int, int]:
-    if cfg.default_scope == 'mmseg':
-        crop = cfg.get('crop_size')
-        return (int(crop[0]), int(crop[1])) if crop else DEFAULT_SEG_SHAPE
-    return DEFAULT_DET_SHAPE
-
-
-def _models_registry(scope: str):
-    if scope == 'mmdet':
-        from mmdet.registry import MODELS
-    else:
-        from mmseg.registry import MODELS
-    return MODELS
 
 
 # ------------------------------------------------------------------------------- building
@@ -266,36 +207,19 @@ def resolved_auto(device: torch.device) -> str:
 def build_subject(label: str, name: str, args: argparse.Namespace,
                   device: torch.device) -> Subject:
     """Build the model (or backbone) of config ``name`` and its batch, on ``device``."""
-    from mmengine.config import ConfigDict
-    from mmengine.model import revert_sync_batchnorm
-    from mmengine.registry import DefaultScope, init_default_scope
-
-    from acmix_mm.registry import build_model
-
     cfg = load_config(name, args.cfg_options)
-    scope = cfg.default_scope
-    notes = []
-    model_cfg, dropped = without_pretrained(cfg.model.to_dict())
-    if dropped:
-        notes.append(f'{dropped} Pretrained init dropped')
     shape = tuple(args.shape) if args.shape else None
-    if scope == 'mmseg' and model_cfg.get('data_preprocessor', {}).get('size') is not None:
-        # mmseg pads every training image to this size (the crop size); a larger --shape
-        # would be cut by a negative pad, so the pad target follows the benchmarked shape.
-        if shape is not None or args.data == 'random':
-            model_cfg['data_preprocessor']['size'] = shape or default_shape(cfg)
-    init_default_scope(scope)
-    with DefaultScope.overwrite_default_scope(scope):
-        registry = _models_registry(scope)
-        torch.manual_seed(args.seed)
-        model = revert_sync_batchnorm(build_model(ConfigDict(model_cfg), registry=registry))
-        _quiet_init_weights(model)
-        preprocessor = model.data_preprocessor
-        gen = torch.Generator().manual_seed(args.seed)
-        if args.data == 'random':
-            batch = random_batch(scope, model, shape or default_shape(cfg), args.batch, gen)
-        else:
-            batch = dataset_batch(cfg, shape, args.batch)
+    pad_to = (shape or default_input_shape(cfg)) if shape is not None or args.data == 'random' else None
+    built = build_tool_model(cfg, args.seed, what='the benchmark', preprocessor_size=pad_to)
+    model, scope = built.model, built.scope
+    notes = [f'{built.dropped_pretrained} Pretrained init dropped'] if built.dropped_pretrained else []
+    _quiet_init_weights(model)
+    preprocessor = model.data_preprocessor
+    gen = torch.Generator().manual_seed(args.seed)
+    if args.data == 'random':
+        batch = random_batch(scope, model, shape or default_input_shape(cfg), args.batch, gen)
+    else:
+        batch = dataset_batch(cfg, shape, args.batch)
     # With --part backbone the rest of the model is dropped with `model` when this returns.
     module = model.backbone if args.part == 'backbone' else model
     if args.attn_impl is not None:

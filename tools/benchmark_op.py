@@ -22,7 +22,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -31,11 +30,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from acmix_mm.ops import ACMix  # noqa: E402
-from acmix_mm.utils import PeakMemory  # noqa: E402
-from acmix_mm.utils.cli import non_negative_int, positive_int  # noqa: E402
+from acmix_mm.ops import ACMix
+from acmix_mm.utils import PeakMemory
+from acmix_mm.utils.cli import non_negative_int, positive_int
 
 IMPLS = ('unfold', 'lean', 'cpp', 'conv3x3', 'lean+compile', 'cpp+compile')
 DEFAULT_SHAPES = ('2,64,56,56', '1,64,200,336')

@@ -34,10 +34,8 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 # Importing acmix_mm does not import triton, so --interpret can still switch it to the interpreter.
-from acmix_mm.utils.cli import positive_int  # noqa: E402
+from acmix_mm.utils.cli import positive_int
 
 
 def _shape(text: str) -> Tuple[int, int, int, int]:
@@ -72,7 +70,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         if 'triton' in sys.modules and os.environ.get('TRITON_INTERPRET') != '1':
             sys.exit('check_gpu: --interpret must be set before triton is imported')
         os.environ['TRITON_INTERPRET'] = '1'
-    sys.path.insert(0, ROOT)
     import torch
 
     from acmix_mm.ops.triton_local_attention import triton_available
@@ -264,7 +261,8 @@ def check_speed(device, shape: Tuple[int, int, int, int], iters: int) -> bool:
     import torch
     from torch import nn
 
-    from acmix_mm.ops.local_attention import lean_local_attention, unfold_local_attention
+    from acmix_mm.ops.lean_attention import lean_local_attention
+    from acmix_mm.ops.local_attention import unfold_local_attention
     from acmix_mm.ops.triton_local_attention import triton_local_attention
     b, c, h, w = shape
     print(f'## 2. forward+backward at B,C,H,W = {b},{c},{h},{w} (median of {iters})\n')

@@ -28,15 +28,13 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lightning.pytorch import Callback, Trainer
+from mmengine.config import DictAction
 
-from lightning.pytorch import Callback, Trainer  # noqa: E402
-from mmengine.config import DictAction  # noqa: E402
-
-import acmix_mm  # noqa: E402,F401  (registers the ACMix models)
-from acmix_mm.lightning import MMDataModule, MMLightningModule, load_config  # noqa: E402
-from acmix_mm.lightning.checkpoint import load_model_weights  # noqa: E402
-from acmix_mm.utils.memory import settled_rss_bytes  # noqa: E402
+import acmix_mm  # noqa: F401  (registers the ACMix models)
+from acmix_mm.lightning import MMDataModule, MMLightningModule, load_config
+from acmix_mm.checkpoint import atomic_write_text, load_model_weights
+from acmix_mm.utils.memory import settled_rss_bytes
 
 MODES = ('validate', 'fit')
 MB = 1024 * 1024
@@ -209,10 +207,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f'{result["pending_results_max"]}')
     if args.json:
         payload = dict(summary=result, epochs=[dataclasses.asdict(r) for r in rows])
-        tmp = args.json + '.tmp'
-        with open(tmp, 'w') as f:
-            json.dump(payload, f, indent=2)
-        os.replace(tmp, args.json)  # never a half-written file
+        atomic_write_text(args.json, json.dumps(payload, indent=2))  # never a half-written file
     if args.max_growth_mb is not None and result['growth_mb'] > args.max_growth_mb:
         print(f'FAIL: growth {result["growth_mb"]:.1f} MB > --max-growth-mb {args.max_growth_mb}')
         return 1

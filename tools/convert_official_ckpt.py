@@ -2,7 +2,7 @@
 
     python tools/convert_official_ckpt.py SRC DST [--arch swin|resnet] [--prefix backbone.]
 
-The source is read safely (nothing in it executes; see acmix_mm.models.checkpoint); DST holds
+The source is read safely (nothing in it executes; see acmix_mm.checkpoint.safe); DST holds
 only tensors (``torch.load(weights_only=True)`` and mmengine's default loader read it). Swin:
 ``layers.i`` -> ``stages.i``, final ``norm`` -> ``norm{last}``, classifier and recomputed buffers
 dropped. ResNet: the classifier ``fc.*`` dropped. ``--prefix backbone.`` gives keys for a whole
@@ -15,13 +15,12 @@ import argparse
 import collections
 import os
 import sys
-import tempfile
 from typing import List, Optional
 
 import torch
 
-from acmix_mm.models.checkpoint import (CheckpointError, convert_resnet_authors,
-                                        convert_swin_authors, extract_state_dict, safe_load)
+from acmix_mm.checkpoint import (CheckpointError, atomic_write, backbone_state_dict, convert_resnet_authors,
+                                 convert_swin_authors, safe_load)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -39,22 +38,15 @@ def convert(src: str, dst: str, arch: str = 'swin', prefix: str = '') -> int:
     """Convert ``src`` into ``dst`` atomically; returns the number of keys written."""
     if arch not in ('swin', 'resnet'):
         raise ValueError(f"arch must be 'swin' or 'resnet', got {arch!r}")
-    state = extract_state_dict(safe_load(src), src)
+    state = backbone_state_dict(safe_load(src), src)
     converted, report = (convert_swin_authors(state) if arch == 'swin'
                          else convert_resnet_authors(state))
     out = collections.OrderedDict((prefix + k, v.contiguous()) for k, v in converted.items())
     folder = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f'output folder {folder!r} does not exist')
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(dst) + '.', suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(out, f)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(dst) as tmp:
+        torch.save(out, tmp)
     print(f'{src} -> {dst}: {len(out)} keys; renamed {len(report.converted)}, '
           f'dropped {len(report.dropped)}')
     return len(out)

@@ -31,7 +31,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, too
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,8 +74,9 @@ def main(argv=None) -> int:
     from mmengine.config import Config
 
     from acmix_mm.export import (DEFAULT_OPSET, TOLERANCE, ExportError, build_export_target,
-                                 check_opset, check_shape, compare_outputs, default_shape,
+                                 check_opset, check_shape, compare_outputs,
                                  export_onnx, run_onnxruntime)
+    from acmix_mm.tool_models import default_input_shape
 
     failure: dict = {}  # set by the parity check: exit 1 instead of 2
     try:
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         cfg = Config.fromfile(str(config))
         if args.cfg_options:
             cfg.merge_from_dict(args.cfg_options)
-        height, width = check_shape(args.shape if args.shape else default_shape(cfg))
+        height, width = check_shape(args.shape if args.shape else default_input_shape(cfg))
         out = args.out or os.path.join(
             'work_dirs', 'onnx', f'{config.stem}_{args.part}_{height}x{width}.onnx')
         if not out.endswith('.onnx'):

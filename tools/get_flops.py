@@ -3,8 +3,9 @@
     .venv/bin/python tools/get_flops.py CONFIG [--shape H W] [--cfg-options KEY=VALUE ...]
 
 FLOPs are multiply-accumulates (the fvcore/mmengine and ACMix-paper convention) of one forward
-of backbone + neck + heads (no post-processing) on one H x W image. Default shape: 800x1333 for
-mmdet configs, the config's ``crop_size`` (else 512x512) for mmseg configs.
+of backbone + neck + heads (no post-processing) on one H x W image. Default shape: the tools'
+one default (``acmix_mm.tool_models.default_input_shape``): 800x1344 for mmdet configs, the
+config's ``crop_size`` (else 512x512) for mmseg configs.
 """
 from __future__ import annotations
 
@@ -12,28 +13,17 @@ import argparse
 import sys
 from pathlib import Path
 
-DEFAULT_DET_SHAPE = (800, 1333)
-DEFAULT_SEG_SHAPE = (512, 512)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     from mmengine.config import DictAction
 
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('config', help='an mmdet or mmseg config file')
     parser.add_argument('--shape', type=int, nargs=2, metavar=('H', 'W'),
-                        help='input image size (default: 800 1333 for mmdet, the crop size for '
+                        help='input image size (default: 800 1344 for mmdet, the crop size for '
                              'mmseg)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config settings, as in mmdet/mmseg tools')
     return parser.parse_args(argv)
-
-
-def default_shape(cfg) -> tuple[int, int]:
-    if cfg.get('default_scope') == 'mmseg':
-        crop = cfg.get('crop_size')
-        return tuple(int(v) for v in crop) if crop else DEFAULT_SEG_SHAPE
-    return DEFAULT_DET_SHAPE
 
 
 def main(argv=None) -> int:
@@ -41,6 +31,7 @@ def main(argv=None) -> int:
     from mmengine.config import Config
 
     from acmix_mm.models.flops import count_config_flops
+    from acmix_mm.tool_models import default_input_shape
 
     path = Path(args.config)
     if not path.is_file():
@@ -48,7 +39,7 @@ def main(argv=None) -> int:
     cfg = Config.fromfile(str(path))
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
-    height, width = args.shape if args.shape else default_shape(cfg)
+    height, width = args.shape if args.shape else default_input_shape(cfg)
     if height < 1 or width < 1:
         raise ValueError(f'--shape must be positive, got {height} {width}')
     report = count_config_flops(cfg, height, width)

@@ -1,15 +1,11 @@
 #!/usr/bin/env python
 """Evaluate a checkpoint on a config's test set; prints the metrics (see acmix_mm.lightning)."""
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mmengine.config import DictAction
 
-from mmengine.config import DictAction  # noqa: E402
-
-import acmix_mm  # noqa: E402,F401  (registers the ACMix models)
-from acmix_mm.lightning import TrainerOverrides, load_config, test  # noqa: E402
+import acmix_mm  # noqa: F401  (registers the ACMix models)
+from acmix_mm.lightning import TrainerOverrides, load_config, test
 
 
 def parse_args(argv=None):

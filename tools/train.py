@@ -1,16 +1,12 @@
 #!/usr/bin/env python
 """Train an mmdet/mmseg model from an mmengine config with Lightning (see acmix_mm.lightning)."""
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mmengine.config import DictAction
 
-from mmengine.config import DictAction  # noqa: E402
-
-import acmix_mm  # noqa: E402,F401  (registers the ACMix models)
-from acmix_mm.lightning import TrainerOverrides, load_config, train  # noqa: E402
-from acmix_mm.lightning.api import AUTO_RESUME  # noqa: E402
+import acmix_mm  # noqa: F401  (registers the ACMix models)
+from acmix_mm.lightning import TrainerOverrides, load_config, train
+from acmix_mm.lightning.api import AUTO_RESUME
 
 
 def parse_args(argv=None):

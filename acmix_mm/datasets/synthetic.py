@@ -35,15 +35,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
 
+from ..checkpoint.atomic import atomic_directory
 from . import drawing
 
 __all__ = [
@@ -193,38 +191,6 @@ def render_ade_scene(rng: np.random.Generator, height: int, width: int,
     return _finish(rng, image), label
 
 
-@contextmanager
-def _atomic_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling of ``out_dir``; on success it replaces ``out_dir``.
-
-    Raises:
-        FileExistsError: ``out_dir`` is a non-empty folder and ``overwrite`` is false.
-        NotADirectoryError: ``out_dir`` exists and is not a folder.
-    """
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise NotADirectoryError(f'output path {out_dir} exists and is not a folder')
-        if any(out_dir.iterdir()) and not overwrite:
-            raise FileExistsError(
-                f'output folder {out_dir} is not empty; pass overwrite=True (--overwrite) to '
-                'replace it')
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.partial-', dir=out_dir.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.old-', dir=out_dir.parent))
-            os.rename(out_dir, old / 'data')
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _check_args(num_train: int, num_val: int, seed: int, size: Sequence[int]) -> tuple[int, int]:
     for name, value in (('num_train', num_train), ('num_val', num_val)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
@@ -285,7 +251,7 @@ def generate_coco_shapes(out_dir: str | os.PathLike, num_train: int = 200, num_v
     height, width = _check_args(num_train, num_val, seed, size)
     out_dir = Path(out_dir)
     categories = [dict(id=i + 1, name=n, supercategory='shape') for i, n in enumerate(COCO_CLASSES)]
-    with _atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite) as tmp:
         (tmp / 'annotations').mkdir()
         for split, count in (('train', num_train), ('val', num_val)):
             img_dir = tmp / 'images' / split
@@ -315,7 +281,7 @@ def generate_ade_scenes(out_dir: str | os.PathLike, num_train: int = 200, num_va
     """
     height, width = _check_args(num_train, num_val, seed, size)
     out_dir = Path(out_dir)
-    with _atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite) as tmp:
         for split, folder, count in (('train', 'training', num_train),
                                      ('val', 'validation', num_val)):
             img_dir, ann_dir = tmp / 'images' / folder, tmp / 'annotations' / folder

@@ -2,17 +2,21 @@
 
 Public API:
 
+* :class:`RunSpec` -- the config parsed and checked once (loop, optimiser settings, the
+  ``lightning`` section, work dir, seed, precision).
 * :class:`MMLightningModule` -- the model (``cfg.model``), its optimiser (``optim_wrapper``)
   and schedules (``param_scheduler``), training/validation/test steps.
 * :class:`MMDataModule` -- ``{train,val,test}_dataloader`` and ``{val,test}_evaluator``.
-* :func:`build_trainer` -- a Trainer from ``train_cfg`` + the ``lightning`` section + CLI.
+* :func:`build_trainer` -- a Trainer from a :class:`RunSpec`.
 * :func:`train`, :func:`test` -- what ``tools/train.py`` / ``tools/test.py`` run.
 """
 from .api import test, train
-from .config import LoopSpec, load_config, to_plain
+from .config import load_config, to_plain
 from .data import MMDataModule, check_dataset_paths
 from .module import MMLightningModule, NonFiniteLossError, NonFiniteWeightsError
-from .trainer import TrainerOverrides, build_trainer
+from .spec import LoopSpec, RunSpec, TrainerOverrides
+from .trainer import build_trainer
 
 __all__ = ['MMLightningModule', 'MMDataModule', 'NonFiniteLossError', 'NonFiniteWeightsError', 'LoopSpec',
-           'TrainerOverrides', 'build_trainer', 'check_dataset_paths', 'load_config', 'to_plain', 'train', 'test']
+           'RunSpec', 'TrainerOverrides', 'build_trainer', 'check_dataset_paths', 'load_config', 'to_plain',
+           'train', 'test']

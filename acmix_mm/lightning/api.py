@@ -12,29 +12,22 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 from lightning.pytorch.utilities import rank_zero_only
 from mmengine.config import Config, ConfigDict
 from mmengine.logging import MMLogger
 
-from .checkpoint import StartCheckpoint, load_checkpoint_file, load_model_weights
-from .config import ConfigLike, LoopSpec, apply_loop_spec, as_config
+from ..checkpoint import load_checkpoint_dict, load_model_weights
+from ..checkpoint.atomic import atomic_write_text
+from .config import ConfigLike, as_config
 from .data import MMDataModule
 from .module import MMLightningModule
 from .outputs import VisualizationCallback, format_metrics, prepare_output_location, redirect_outputs
-from .trainer import CHECKPOINT_DIR, TrainerOverrides, build_trainer, lightning_section
+from .spec import CHECKPOINT_DIR, RunSpec, TrainerOverrides, apply_loop_spec
+from .start_checkpoint import StartCheckpoint
+from .trainer import build_trainer
 
 AUTO_RESUME = 'auto'
-
-
-def resolve_work_dir(cfg: Config, work_dir: Optional[str]) -> str:
-    """``--work-dir``, else ``cfg.work_dir``, else ``./work_dirs/<config file stem>``."""
-    if work_dir:
-        return str(work_dir)
-    if cfg.get('work_dir'):
-        return str(cfg.work_dir)
-    stem = Path(cfg.filename).stem if getattr(cfg, 'filename', None) else 'default'
-    return os.path.join('work_dirs', stem)
 
 
 def newest_checkpoint(folder: str) -> Optional[str]:
@@ -84,29 +77,24 @@ def train(cfg: ConfigLike, work_dir: Optional[str] = None, resume: Optional[str]
         **trainer_kwargs: extra ``lightning.pytorch.Trainer`` arguments.
     """
     cfg = as_config(cfg)
-    overrides = overrides or TrainerOverrides()
-    lightning_section(cfg)  # unknown keys fail before anything runs
-    loop = LoopSpec.from_config(cfg).with_limits(overrides.max_epochs, overrides.max_steps)
-    apply_loop_spec(cfg, loop)
-    work_dir = resolve_work_dir(cfg, work_dir)
-    cfg.work_dir = work_dir
-    randomness = dict(cfg.get('randomness') or {})
+    spec = RunSpec.from_config(cfg, 'fit', work_dir=work_dir, seed=seed, overrides=overrides)
+    # The config copy in the work dir and each checkpoint's meta show the run as it ran.
+    apply_loop_spec(cfg, spec.loop)
+    cfg.work_dir = spec.work_dir
     if seed is not None:
-        randomness['seed'] = seed
-        cfg.randomness = ConfigDict(randomness)
-    seed = randomness.get('seed')
-    datamodule = MMDataModule(cfg, seed=seed)
+        cfg.randomness = ConfigDict(dict(cfg.get('randomness') or {}, seed=seed))
+    datamodule = MMDataModule(cfg, spec)
     datamodule.check('fit')
     datamodule.setup('fit')  # read and check the datasets before any output is written
-    ckpt_path = resolve_resume(resume, work_dir)
+    ckpt_path = resolve_resume(resume, spec.work_dir)
     # --resume / load_from: read and checked now, a clear error before anything is built
     start = StartCheckpoint.read(ckpt_path, cfg.get('load_from'))
-    if seed is not None:
-        seed_everything(seed, workers=False, verbose=False)
-    module = MMLightningModule(cfg)
+    if spec.seed is not None:
+        seed_everything(spec.seed, workers=False, verbose=False)
+    module = MMLightningModule(cfg, spec)
     start.apply(module.model)  # --resume: the weights fit the model; load_from: loads them
-    trainer = build_trainer(cfg, work_dir, overrides, **trainer_kwargs)
-    _dump_config(cfg, work_dir)
+    trainer = build_trainer(spec, **trainer_kwargs)
+    _dump_config(cfg, spec.work_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     return module
 
@@ -131,20 +119,18 @@ def test(cfg: ConfigLike, checkpoint: str, work_dir: Optional[str] = None, out: 
         show_dir: draw predictions onto the images into this folder.
     """
     cfg = as_config(cfg)
-    overrides = overrides or TrainerOverrides()
-    section = lightning_section(cfg)
+    spec = RunSpec.from_config(cfg, 'test', work_dir=work_dir, overrides=overrides)
     for key in ('test_dataloader', 'test_evaluator'):
         if not cfg.get(key):
             raise ValueError(f'the config has no {key}, which testing needs')
     if out:
         cfg.test_evaluator = redirect_outputs(cfg.test_evaluator, out)
-    work_dir = resolve_work_dir(cfg, work_dir)
     # Read (safely) before anything is built: a bad file fails fast, naming it and what is wrong.
-    contents = load_checkpoint_file(checkpoint)
-    datamodule = MMDataModule(cfg)
+    contents = load_checkpoint_dict(checkpoint)
+    datamodule = MMDataModule(cfg, spec)
     datamodule.check('test')
     datamodule.setup('test')  # read and check the dataset before any output is written
-    module = MMLightningModule(cfg, init_weights=False)
+    module = MMLightningModule(cfg, spec, init_weights=False)
     load_model_weights(module.model, checkpoint, contents)
     del contents  # the weights are in the model now
     callbacks = []
@@ -152,17 +138,9 @@ def test(cfg: ConfigLike, checkpoint: str, work_dir: Optional[str] = None, out: 
         callbacks.append(VisualizationCallback(cfg.get('visualizer'), show_dir))
     if out:
         prepare_output_location(cfg.test_evaluator, out)
-    kwargs: Dict[str, Any] = dict(
-        accelerator=overrides.accelerator or section.get('accelerator', 'auto'),
-        devices=overrides.devices if overrides.devices is not None else section.get('devices', 1),
-        num_nodes=overrides.num_nodes or section.get('num_nodes', 1),
-        strategy=overrides.strategy or section.get('strategy', 'auto'),
-        precision=overrides.precision or section.get('precision') or '32-true',
-        use_distributed_sampler=False, logger=False, enable_checkpointing=False,
-        enable_progress_bar=section.get('enable_progress_bar', True), default_root_dir=work_dir,
-        callbacks=callbacks)
-    kwargs.update(trainer_kwargs)
-    trainer = Trainer(**kwargs)
+    trainer = build_trainer(spec, **dict(dict(logger=False, enable_checkpointing=False, callbacks=callbacks),
+                                         **trainer_kwargs))
+    work_dir = spec.work_dir
     if trainer.is_global_zero:
         # Metrics print their reports through mmengine's current logger (mmseg IoUMetric's
         # per-class table, pycocotools' summary); a logger with a file keeps them in the work dir.
@@ -174,9 +152,6 @@ def test(cfg: ConfigLike, checkpoint: str, work_dir: Optional[str] = None, out: 
     metrics = module.metrics.get('test', {})
     if trainer.is_global_zero:
         print(format_metrics(metrics))
-        os.makedirs(work_dir, exist_ok=True)
         path = os.path.join(work_dir, f'metrics_{time.strftime("%Y%m%d_%H%M%S")}.json')
-        with open(path + '.tmp', 'w') as f:
-            json.dump(metrics, f, indent=2)
-        os.replace(path + '.tmp', path)  # no half-written metrics file
+        atomic_write_text(path, json.dumps(metrics, indent=2))  # no half-written metrics file
     return metrics

@@ -17,10 +17,8 @@ Training step, per batch (the same sequence as mmengine's ``BaseModel.train_step
 from __future__ import annotations
 
 import logging
-import random
 from typing import Any, Dict, List, Mapping, Optional
 
-import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule
 from mmengine.config import Config
@@ -28,50 +26,18 @@ from mmengine.model import BaseDataPreprocessor, BaseModel, revert_sync_batchnor
 from mmengine.registry import init_default_scope
 
 from ..registry import build_model
-from . import checkpoint as ckpt
-from .config import ConfigLike, LoopSpec, as_config, to_plain
-from .optim import OptimSettings, SchedulerStepper, build_optimizer, build_param_schedulers, clip_gradients
+from ..checkpoint import layouts
+from ..checkpoint.fit import check_model_fits
+from .config import ConfigLike, as_config, to_plain
+from .spec import LoopSpec, RunSpec
+from .resumable import collect_rng_states, restore_rng_states
+from .optim import SchedulerStepper, build_optimizer, build_param_schedulers, clip_gradients
 
 log = logging.getLogger(__name__)
 
-NAN_POLICIES = ('raise', 'skip')
 SCHEDULER_STATE_KEY = 'mm_param_schedulers'
 RNG_STATE_KEY = 'rng_states'
 LOADER_STATE_KEY = 'train_loader_state'
-
-
-def collect_rng_states() -> Dict[str, Any]:
-    """The global random states of torch (CPU and every CUDA device), numpy and Python, as plain
-    data (tensors, ints, floats, lists), so that ``torch.load(weights_only=True)`` reads them."""
-    np_key, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    py_version, py_internal, py_gauss = random.getstate()
-    states: Dict[str, Any] = {
-        'torch': torch.get_rng_state(),
-        'numpy': {'key': str(np_key), 'state': torch.from_numpy(np_keys.astype(np.int64)),
-                  'pos': int(np_pos), 'has_gauss': int(np_has_gauss), 'cached_gaussian': float(np_gauss)},
-        'python': {'version': int(py_version), 'state': [int(v) for v in py_internal],
-                   'gauss_next': None if py_gauss is None else float(py_gauss)},
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states['cuda'] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def restore_rng_states(states: Mapping[str, Any]) -> None:
-    """Set the global generators to ``states`` (from :func:`collect_rng_states`).
-
-    CUDA states are restored when the checkpoint holds one per visible device; otherwise
-    (another GPU count, or a CPU run) the CUDA generators keep their seeding.
-    """
-    torch.set_rng_state(torch.as_tensor(states['torch'], dtype=torch.uint8).cpu())
-    np_state = states['numpy']
-    np.random.set_state((np_state['key'], np.asarray(np_state['state'], dtype=np.int64).astype(np.uint32),
-                         int(np_state['pos']), int(np_state['has_gauss']), float(np_state['cached_gaussian'])))
-    py_state = states['python']
-    random.setstate((int(py_state['version']), tuple(int(v) for v in py_state['state']), py_state['gauss_next']))
-    cuda: Optional[List[torch.Tensor]] = states.get('cuda')
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([torch.as_tensor(t, dtype=torch.uint8).cpu() for t in cuda])
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -91,23 +57,25 @@ class MMLightningModule(LightningModule):
     Args:
         cfg: an mmengine config (object, dict or path) with ``model``; training also needs
             ``optim_wrapper`` and ``train_cfg`` (``param_scheduler`` optional).
+        spec: the parsed run (:class:`~acmix_mm.lightning.spec.RunSpec`); None parses ``cfg``
+            (:meth:`RunSpec.default_for`).
         init_weights: call the model's ``init_weights()`` after building it, as mmengine's Runner
             does before training (``init_cfg``, e.g. pretrained backbones). Off for evaluation,
             where a checkpoint provides the weights.
 
-    Config keys read from ``cfg.lightning`` (all optional): ``nan_policy`` ('raise' | 'skip',
-    default 'raise'): what a NaN/Inf training loss does; ``sync_bn`` ('auto' | 'keep' |
-    'revert', default 'auto'): 'auto' turns SyncBN into BN when training on one process or on
-    CPU, where torch's SyncBatchNorm cannot synchronise.
+    From the spec's ``lightning`` section: ``nan_policy`` ('raise' | 'skip'): what a NaN/Inf
+    training loss does; ``sync_bn`` ('auto' | 'keep' | 'revert'): 'auto' turns SyncBN into BN
+    when training on one process or on CPU, where torch's SyncBatchNorm cannot synchronise.
 
     Attributes:
         model: the wrapped ``BaseModel``.
         metrics: ``{'val'|'test': {name: float}}``, the last evaluation's metrics.
     """
 
-    def __init__(self, cfg: ConfigLike, init_weights: bool = True):
+    def __init__(self, cfg: ConfigLike, spec: Optional[RunSpec] = None, init_weights: bool = True):
         super().__init__()
         self.cfg: Config = as_config(cfg)
+        self.spec: RunSpec = spec if spec is not None else RunSpec.default_for(self.cfg)
         # Plain data only: checkpoints must load with torch.load(weights_only=True).
         self.save_hyperparameters({'cfg': to_plain(self.cfg.to_dict()), 'init_weights': init_weights})
         scope = self.cfg.get('default_scope')
@@ -121,15 +89,9 @@ class MMLightningModule(LightningModule):
                             'mmengine BaseModel subclasses (with data_preprocessor and loss/predict modes)')
         if init_weights and hasattr(self.model, 'init_weights'):
             self.model.init_weights()
-        settings = dict(self.cfg.get('lightning') or {})
-        self.nan_policy = settings.get('nan_policy', 'raise')
-        if self.nan_policy not in NAN_POLICIES:
-            raise ValueError(f'lightning.nan_policy={self.nan_policy!r}; allowed: {", ".join(NAN_POLICIES)}')
-        self.sync_bn = settings.get('sync_bn', 'auto')
-        if self.sync_bn not in ('auto', 'keep', 'revert'):
-            raise ValueError(f"lightning.sync_bn={self.sync_bn!r}; allowed: 'auto', 'keep', 'revert'")
-        optim_cfg = self.cfg.get('optim_wrapper')
-        self.optim_settings = OptimSettings.from_config(optim_cfg) if optim_cfg else OptimSettings()
+        self.nan_policy = self.spec.lightning.nan_policy
+        self.sync_bn = self.spec.lightning.sync_bn
+        self.optim_settings = self.spec.optim
         self.stepper: Optional[SchedulerStepper] = None
         self._pending_scheduler_states = None
         self._pending_rng_states: Optional[Mapping[str, Any]] = None
@@ -183,7 +145,11 @@ class MMLightningModule(LightningModule):
                                  f'states acmix_mm writes ({type(error).__name__}: {error})') from error
 
     def loop_spec(self) -> LoopSpec:
-        return LoopSpec.from_config(self.cfg)
+        """The training loop of the spec (a ``ValueError`` for a spec without one)."""
+        if self.spec.loop is None:
+            raise ValueError('the config has no train_cfg; training needs e.g. '
+                             "train_cfg=dict(type='EpochBasedTrainLoop', max_epochs=12, val_interval=1)")
+        return self.spec.loop
 
     def configure_optimizers(self):
         if not self.cfg.get('optim_wrapper'):
@@ -284,7 +250,7 @@ class MMLightningModule(LightningModule):
         self.stepper.after_train_iter()
         # Epoch-based schedules step when the epoch's training part ends, before the end-of-epoch
         # validation and checkpoint, so that a checkpoint holds the stepped schedule (as in mmengine).
-        loop = self.loop_spec()
+        loop = self.spec.loop
         if loop.by_epoch and batch_idx + 1 == self.trainer.num_training_batches:
             self.stepper.after_train_epoch()
         if not loop.by_epoch:
@@ -365,7 +331,7 @@ class MMLightningModule(LightningModule):
 
     # -- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        state_dict = ckpt.strip_model_prefix(checkpoint['state_dict'])
+        state_dict = layouts.strip_model_prefix(checkpoint['state_dict'])
         if self.stepper is not None:
             checkpoint[SCHEDULER_STATE_KEY] = self.stepper.state_dict()
         # Lightning saves neither the global random states nor (for a loader it cannot see as
@@ -389,7 +355,7 @@ class MMLightningModule(LightningModule):
         checkpoint.clear()
         checkpoint.update(plain)
         checkpoint['state_dict'] = state_dict
-        checkpoint[ckpt.STATE_DICT_LAYOUT_KEY] = ckpt.STATE_DICT_LAYOUT
+        checkpoint[layouts.STATE_DICT_LAYOUT_KEY] = layouts.STATE_DICT_LAYOUT
 
     def _gather_rng_states(self) -> Dict[str, Any]:
         """This rank's states, plus ``'per_rank'`` (every rank's, in rank order) under DDP."""
@@ -411,12 +377,12 @@ class MMLightningModule(LightningModule):
         return states
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        if checkpoint.get(ckpt.STATE_DICT_LAYOUT_KEY) == ckpt.STATE_DICT_LAYOUT:
+        if checkpoint.get(layouts.STATE_DICT_LAYOUT_KEY) == layouts.STATE_DICT_LAYOUT:
             # Lightning loads state_dict into this module right after this hook.
             state_dict = checkpoint['state_dict']
-            if not any(k.startswith(ckpt.MODEL_PREFIX) for k in state_dict):
-                ckpt.check_compatible(self.model, state_dict, 'the resumed checkpoint')
-                checkpoint['state_dict'] = ckpt.add_model_prefix(state_dict)
+            if not any(k.startswith(layouts.MODEL_PREFIX) for k in state_dict):
+                check_model_fits(self.model, state_dict, 'the resumed checkpoint')
+                checkpoint['state_dict'] = layouts.add_model_prefix(state_dict)
         self._pending_scheduler_states = checkpoint.get(SCHEDULER_STATE_KEY)
         self._pending_rng_states = checkpoint.get(RNG_STATE_KEY)
         self._pending_loader_state = checkpoint.get(LOADER_STATE_KEY)

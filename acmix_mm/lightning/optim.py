@@ -8,15 +8,14 @@ mmengine's ``Runner`` builds them (default ``end`` from the train loop, ``epoch_
 (every batch, also under gradient accumulation, as mmengine counts iterations), the
 epoch-based ones at the end of every training epoch.
 
-What the optimiser wrapper asks of the training loop, and Lightning does itself, is read out
-into :class:`OptimSettings`: gradient clipping (``clip_grad``), mixed precision
-(``type='AmpOptimWrapper'``) and gradient accumulation (``accumulative_counts``).
+What the optimiser wrapper asks of the training loop, and Lightning does itself (gradient
+clipping, mixed precision, accumulation), is read once into
+:class:`~acmix_mm.lightning.spec.OptimSettings`.
 """
 from __future__ import annotations
 
 import collections
 import copy
-import dataclasses
 from typing import Any, List, Mapping, Optional, Sequence, Union
 
 import torch
@@ -25,60 +24,10 @@ from mmengine.optim import OptimWrapper, build_optim_wrapper
 from mmengine.optim.scheduler import _ParamScheduler
 from mmengine.registry import PARAM_SCHEDULERS
 
-from .config import LoopSpec
+from .spec import LoopSpec
 
-_AMP_TYPES = ('AmpOptimWrapper', 'mmengine.AmpOptimWrapper')
-_PLAIN_TYPES = ('OptimWrapper', 'mmengine.OptimWrapper', None)
 # Keys of AmpOptimWrapper that Lightning's precision plugin takes over.
 _AMP_KEYS = ('dtype', 'loss_scale', 'use_fsdp')
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimSettings:
-    """What ``optim_wrapper`` asks of the loop beyond the optimiser itself.
-
-    Attributes:
-        clip_grad: mmengine's ``clip_grad`` dict (``max_norm``/``norm_type`` for norm clipping, or
-            ``type='value'`` with ``clip_value``), or None.
-        precision: the Lightning precision the wrapper implies (``'16-mixed'``, ``'bf16-mixed'``)
-            or None for full precision.
-        accumulate_grad_batches: ``accumulative_counts`` (1 when absent).
-    """
-
-    clip_grad: Optional[dict] = None
-    precision: Optional[str] = None
-    accumulate_grad_batches: int = 1
-
-    @classmethod
-    def from_config(cls, optim_cfg: Mapping[str, Any]) -> 'OptimSettings':
-        wrapper_type = optim_cfg.get('type', 'OptimWrapper')
-        if wrapper_type not in _AMP_TYPES + _PLAIN_TYPES:
-            raise ValueError(f'optim_wrapper.type={wrapper_type!r} is not supported; allowed: '
-                             'OptimWrapper, AmpOptimWrapper')
-        precision = None
-        if wrapper_type in _AMP_TYPES:
-            dtype = optim_cfg.get('dtype')
-            if dtype in (None, 'float16', 'fp16', torch.float16):
-                precision = '16-mixed'
-            elif dtype in ('bfloat16', 'bf16', torch.bfloat16):
-                precision = 'bf16-mixed'
-            else:
-                raise ValueError(f'optim_wrapper.dtype={dtype!r} is not supported; '
-                                 "allowed: 'float16', 'bfloat16'")
-        accumulate = optim_cfg.get('accumulative_counts', 1)
-        if not isinstance(accumulate, int) or accumulate < 1:
-            raise ValueError(f'optim_wrapper.accumulative_counts must be a positive int, got {accumulate!r}')
-        clip_grad = optim_cfg.get('clip_grad')
-        if clip_grad is not None:
-            clip_grad = dict(clip_grad)
-            clip_type = clip_grad.get('type', 'norm')
-            if clip_type == 'norm' and 'max_norm' not in clip_grad:
-                raise ValueError(f'optim_wrapper.clip_grad={clip_grad} needs max_norm')
-            if clip_type == 'value' and 'clip_value' not in clip_grad:
-                raise ValueError(f'optim_wrapper.clip_grad={clip_grad} needs clip_value')
-            if clip_type not in ('norm', 'value'):
-                raise ValueError(f"optim_wrapper.clip_grad.type={clip_type!r}; allowed: 'norm', 'value'")
-        return cls(clip_grad, precision, accumulate)
 
 
 def build_optimizer(model: torch.nn.Module, optim_cfg: Mapping[str, Any]) -> OptimWrapper:

@@ -238,35 +238,24 @@ def _dummy_batch(scope: str, height: int, width: int) -> dict:
 def count_config_flops(cfg, height: int, width: int) -> ComplexityReport:
     """FLOPs and parameters of the model of an mmdet/mmseg config for one (height, width) image.
 
-    The model is built in eval mode with SyncBN reverted to BN; the image goes through the
+    The model is built by :func:`acmix_mm.tool_models.build_tool_model` (SyncBN reverted to
+    BN, no ``Pretrained`` file) and put in eval mode; the image goes through the
     model's data preprocessor (so mmdet pads it to its ``pad_size_divisor``), then backbone,
     neck and heads run in ``mode='tensor'``. For two-stage detectors the RoI heads' count
     depends on how many proposals the (randomly initialised) RPN keeps, as in mmdet's tool.
     """
-    from mmengine.config import Config, ConfigDict
-    from mmengine.model import revert_sync_batchnorm
-    from mmengine.registry import DefaultScope, init_default_scope
+    from mmengine.config import Config
 
-    from ..registry import build_model
+    from ..tool_models import build_tool_model
 
     if not isinstance(cfg, Config):
         raise TypeError(f'cfg must be an mmengine Config, got {type(cfg).__name__}')
     for name, value in (('height', height), ('width', width)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f'{name} must be a positive int, got {value!r}')
-    scope = cfg.get('default_scope')
-    if scope not in ('mmdet', 'mmseg'):
-        raise ValueError(f"count_config_flops handles configs with default_scope 'mmdet' or "
-                         f"'mmseg', got {scope!r}")
-    init_default_scope(scope)
-    with DefaultScope.overwrite_default_scope(scope):
-        registry = (__import__('mmdet.registry', fromlist=['MODELS']) if scope == 'mmdet'
-                    else __import__('mmseg.registry', fromlist=['MODELS'])).MODELS
-        model_cfg = cfg.model.to_dict() if isinstance(cfg.model, ConfigDict) else dict(cfg.model)
-        torch.manual_seed(0)
-        model = revert_sync_batchnorm(build_model(ConfigDict(model_cfg), registry=registry))
-        model.eval()
-        with torch.no_grad():
-            data = model.data_preprocessor(_dummy_batch(scope, height, width), False)
-        report = count_flops(_TensorForward(model, data['data_samples']), (data['inputs'],))
+    built = build_tool_model(cfg, seed=0, what='count_config_flops')
+    model = built.model.eval()
+    with torch.no_grad():
+        data = model.data_preprocessor(_dummy_batch(built.scope, height, width), False)
+    report = count_flops(_TensorForward(model, data['data_samples']), (data['inputs'],))
     return report

@@ -35,8 +35,8 @@ import torch
 from mmengine.config import Config
 
 from acmix_mm.lightning import MMLightningModule, test as run_test, train as run_train
-from acmix_mm.lightning.checkpoint import StartCheckpoint, load_checkpoint_file, load_model_weights
-from acmix_mm.models.checkpoint import CheckpointError
+from acmix_mm.checkpoint import CheckpointError, load_checkpoint_dict, load_model_weights
+from acmix_mm.lightning.start_checkpoint import StartCheckpoint
 from acmix_mm.registry import build_model
 
 from .helpers import tiny_maskrcnn_config
@@ -337,7 +337,7 @@ def test_resume_from_weights_only_checkpoint_says_use_load_from(det_cfg, det_mod
     assert not work_dir.exists()
     # The numpy scalars of mmengine's meta are data, not code: the same file is accepted where
     # weights are all that is needed (test() and load_from read it with the same reader).
-    checkpoint = load_checkpoint_file(str(path))
+    checkpoint = load_checkpoint_dict(str(path))
     assert checkpoint['meta']['epoch'] == 12 and checkpoint['meta']['hist'].tolist() == [0, 1, 2]
     fresh = MMLightningModule(det_cfg, init_weights=True).model
     load_model_weights(fresh, str(path), checkpoint)

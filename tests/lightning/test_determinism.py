@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from acmix_mm.lightning import MMLightningModule, train
-from acmix_mm.lightning.module import collect_rng_states, restore_rng_states
+from acmix_mm.lightning.resumable import collect_rng_states, restore_rng_states
+from acmix_mm.lightning.spec import RunSpec
 from acmix_mm.lightning.trainer import build_trainer
 
 from .helpers import make_coco
@@ -58,7 +59,7 @@ def test_randomness_deterministic_reaches_the_trainer(coco6, tmp_path):
     try:
         for value, expected in ((True, True), ('warn', True), (False, False)):
             cfg.randomness = dict(seed=0, deterministic=value)
-            build_trainer(cfg, str(tmp_path), accelerator='cpu')
+            build_trainer(RunSpec.from_config(cfg, work_dir=str(tmp_path)), accelerator='cpu')
             assert torch.are_deterministic_algorithms_enabled() is expected
             assert torch.is_deterministic_algorithms_warn_only_enabled() is (value == 'warn')
     finally:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from acmix_mm.lightning import MMLightningModule, NonFiniteLossError, train
-from acmix_mm.lightning.checkpoint import load_model_weights
+from acmix_mm.checkpoint import load_model_weights
 
 from .helpers import tiny_maskrcnn_config
 

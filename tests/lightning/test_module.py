@@ -8,8 +8,9 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from acmix_mm.lightning import MMLightningModule, build_trainer, to_plain, train
-from acmix_mm.lightning.optim import OptimSettings, clip_gradients
+from acmix_mm.lightning import MMLightningModule, RunSpec, TrainerOverrides, build_trainer, to_plain, train
+from acmix_mm.lightning.optim import clip_gradients
+from acmix_mm.lightning.spec import OptimSettings
 
 from .helpers import tiny_maskrcnn_config
 
@@ -51,7 +52,7 @@ def test_trainer_from_config_amp_accumulation_and_iter_loop(coco_root, tmp_path)
                              clip_grad=dict(max_norm=1.0))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
-        trainer = build_trainer(cfg, str(tmp_path), accelerator='cpu')
+        trainer = build_trainer(RunSpec.from_config(cfg, work_dir=str(tmp_path)), accelerator='cpu')
     # float16 AMP is GPU-only in Lightning: on CPU it becomes bf16 with a warning.
     assert any('bf16-mixed' in str(w.message) for w in caught)
     assert trainer.precision == 'bf16-mixed'
@@ -60,15 +61,13 @@ def test_trainer_from_config_amp_accumulation_and_iter_loop(coco_root, tmp_path)
     assert trainer.val_check_interval == 5 and trainer.check_val_every_n_epoch is None
     epoch_cfg = tiny_maskrcnn_config(coco_root, max_epochs=4)
     epoch_cfg.train_cfg.val_interval = 2
-    trainer = build_trainer(epoch_cfg, str(tmp_path), accelerator='cpu', precision='32-true')
+    trainer = build_trainer(RunSpec.from_config(epoch_cfg, work_dir=str(tmp_path)), accelerator='cpu',
+                            precision='32-true')
     assert trainer.max_epochs == 4 and trainer.check_val_every_n_epoch == 2
     with pytest.raises(ValueError, match="precision='8-bit'"):
-        build_trainer(epoch_cfg, str(tmp_path), TrainerOverridesFor(precision='8-bit'), accelerator='cpu')
+        RunSpec.from_config(epoch_cfg, work_dir=str(tmp_path), overrides=TrainerOverrides(precision='8-bit'))
 
 
-def TrainerOverridesFor(**kwargs):
-    from acmix_mm.lightning import TrainerOverrides
-    return TrainerOverrides(**kwargs)
 
 
 def test_to_plain_makes_weights_only_loadable(tmp_path):

@@ -31,8 +31,9 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 from acmix_mm.lightning import train
 from acmix_mm.lightning.api import newest_checkpoint
-from acmix_mm.lightning.checkpoint_io import AtomicCheckpointIO, atomic_write_bytes, partial_files
-from acmix_mm.lightning.data import ResumableDataLoader
+from acmix_mm.checkpoint.atomic import atomic_write_bytes, partial_files
+from acmix_mm.lightning.checkpoint_io import AtomicCheckpointIO
+from acmix_mm.lightning.resumable import ResumableDataLoader
 
 from .helpers import make_coco, tiny_maskrcnn_config
 
@@ -43,7 +44,7 @@ REPO = Path(__file__).resolve().parents[2]
 _WRITER = '''
 import sys
 sys.path.insert(0, {repo!r})
-from acmix_mm.lightning.checkpoint_io import atomic_write_bytes
+from acmix_mm.checkpoint.atomic import atomic_write_bytes
 atomic_write_bytes({path!r}, b'N' * {size})
 '''
 

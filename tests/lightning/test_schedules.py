@@ -11,7 +11,7 @@ from mmengine.registry import DATASETS, MODELS
 from mmengine.runner import Runner
 from torch.utils.data import Dataset
 
-from acmix_mm.lightning import MMDataModule, MMLightningModule, build_trainer
+from acmix_mm.lightning import MMDataModule, MMLightningModule, RunSpec, build_trainer
 
 
 @MODELS.register_module(name='_LrProbeModel', force=True)
@@ -85,7 +85,8 @@ def _runner_lrs(cfg):
 def _lightning_lrs(cfg, tmp_path):
     module = MMLightningModule(cfg)
     probe = _LightningLr()
-    trainer = build_trainer(cfg, str(tmp_path / 'pl'), callbacks=[probe], enable_checkpointing=False,
+    trainer = build_trainer(RunSpec.from_config(cfg, work_dir=str(tmp_path / 'pl')), callbacks=[probe],
+                            enable_checkpointing=False,
                             accelerator='cpu')
     trainer.fit(module, datamodule=MMDataModule(cfg))
     return probe.lrs
@@ -128,7 +129,8 @@ def test_lr_sequence_with_gradient_accumulation(tmp_path):
     cfg = _config(train_cfg, schedulers, tmp_path, accumulate=2)
     module = MMLightningModule(cfg)
     probe = _LightningLr()
-    trainer = build_trainer(cfg, str(tmp_path / 'pl'), callbacks=[probe], enable_checkpointing=False,
+    trainer = build_trainer(RunSpec.from_config(cfg, work_dir=str(tmp_path / 'pl')), callbacks=[probe],
+                            enable_checkpointing=False,
                             accelerator='cpu')
     assert trainer.accumulate_grad_batches == 2
     trainer.fit(module, datamodule=MMDataModule(cfg))

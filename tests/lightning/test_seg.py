@@ -20,7 +20,7 @@ from PIL import Image
 
 from acmix_mm.datasets.synthetic import ADE_CLASSES, generate_ade_scenes
 from acmix_mm.lightning import MMDataModule, MMLightningModule
-from acmix_mm.lightning.checkpoint import load_model_weights
+from acmix_mm.checkpoint import load_model_weights
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / 'configs' / 'demo' / 'semfpn_acmix-r26-slim_shapes-ade.py'

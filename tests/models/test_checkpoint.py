@@ -14,8 +14,8 @@ from yacs.config import CfgNode
 
 from acmix_mm.models.backbones.resnet_acmix import ResNetACMix
 from acmix_mm.models.backbones.swin_acmix import SwinACMix
-from acmix_mm.models.checkpoint import (CheckpointError, convert_swin_authors, extract_state_dict,
-                                        load_backbone_state_dict, load_backbone_weights, safe_load)
+from acmix_mm.checkpoint import (CheckpointError, backbone_state_dict, convert_swin_authors, load_backbone_weights,
+                                 safe_load)
 from tools.convert_official_ckpt import convert, main as convert_main
 
 SMALL = dict(embed_dims=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8))
@@ -173,25 +173,25 @@ def test_truncated_corrupt_and_missing_files(tmp_path):
     lambda sd: {'state_dict': {'model.' + k: v for k, v in sd.items()}},  # Lightning
     lambda sd: {'state_dict': {'module.' + k: v for k, v in sd.items()}},  # DataParallel
 ])
-def test_extract_state_dict_layouts(wrap):
+def test_backbone_state_dict_layouts(wrap):
     sd = collections.OrderedDict(a=torch.ones(1), b=torch.zeros(2))
-    out = extract_state_dict(wrap(sd))
+    out = backbone_state_dict(wrap(sd))
     assert list(out) == ['a', 'b'] and torch.equal(out['b'], torch.zeros(2))
 
 
 def test_whole_detector_keeps_backbone_only():
-    from acmix_mm.models.checkpoint import LoadReport
+    from acmix_mm.checkpoint import LoadReport
     report = LoadReport()
     sd = {'model.backbone.a': torch.ones(1), 'model.neck.b': torch.ones(1)}
-    out = extract_state_dict({'state_dict': sd}, report=report)
+    out = backbone_state_dict({'state_dict': sd}, report=report)
     assert list(out) == ['a'] and report.dropped == [('neck.b', 'outside backbone')]
 
 
 def test_no_state_dict_is_an_error():
     with pytest.raises(CheckpointError, match="top-level keys are \\['epoch', 'optimizer'\\]"):
-        extract_state_dict({'optimizer': {}, 'epoch': 1}, 'x.pth')
+        backbone_state_dict({'optimizer': {}, 'epoch': 1}, 'x.pth')
     with pytest.raises(CheckpointError, match='holds a list'):
-        extract_state_dict([1, 2], 'x.pth')
+        backbone_state_dict([1, 2], 'x.pth')
 
 
 def test_convert_swin_authors_keys():
@@ -254,7 +254,7 @@ def test_resnet_authors_layout_drops_classifier(tmp_path):
     path = authors_file(tmp_path / 'resnet.pth', state)
     torch.manual_seed(1)
     dst = ResNetACMix(depth=26, base_channels=16)
-    report = load_backbone_state_dict(dst, path, drop_prefixes=('fc.',))
+    report = load_backbone_weights(dst, path, drop_prefixes=('fc.',))
     assert sorted(k for k, _ in report.dropped) == ['fc.bias', 'fc.weight']
     for k, v in src.state_dict().items():
         assert torch.equal(dst.state_dict()[k], v), k

@@ -190,13 +190,16 @@ def test_config_count_includes_backbone_and_heads(name, scope_words):
 
 def test_get_flops_cli_defaults_and_errors():
     import importlib.util
+
+    from acmix_mm.tool_models import default_input_shape
     spec = importlib.util.spec_from_file_location('get_flops', REPO / 'tools/get_flops.py')
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     det = Config.fromfile(str(REPO / 'configs/acmix_resnet/retinanet_acmix-r50_fpn_1x_coco.py'))
     seg = Config.fromfile(str(REPO / 'configs/acmix_resnet/fpn_acmix-r50_4xb4-80k_ade20k-512x512.py'))
-    assert tool.default_shape(det) == (800, 1333)
-    assert tool.default_shape(seg) == (512, 512)
+    # The tools' one default: 800 x 1333 padded to mmdet's size divisor of 32.
+    assert default_input_shape(det) == (800, 1344)
+    assert default_input_shape(seg) == (512, 512)
     with pytest.raises(FileNotFoundError, match='config file not found'):
         tool.main(['configs/does_not_exist.py'])
     with pytest.raises(SystemExit):

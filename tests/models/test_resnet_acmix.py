@@ -318,7 +318,7 @@ def _authors_file(tmp_path, depth: int):
 
 
 def test_init_cfg_pretrained_loads_authors_file_and_drops_fc(tmp_path):
-    from acmix_mm.models.checkpoint import CheckpointError
+    from acmix_mm.checkpoint import CheckpointError
     authors, path = _authors_file(tmp_path, 26)
     model = ResNetACMix(26, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
     report = model.load_pretrained(str(path))

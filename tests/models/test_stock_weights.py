@@ -19,7 +19,7 @@ from mmengine.registry import DefaultScope
 
 from acmix_mm.models.backbones.resnet_acmix import ResNetACMix
 from acmix_mm.models.backbones.swin_acmix import SwinACMix
-from acmix_mm.models.checkpoint import CheckpointError, resolve_checkpoint
+from acmix_mm.checkpoint import CheckpointError, resolve_checkpoint
 from acmix_mm.ops import ACMix
 
 C3_C5 = (False, True, True, True)

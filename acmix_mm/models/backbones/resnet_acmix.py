@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.utils.checkpoint as cp
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ...checkpoint import convert_resnet_authors, load_backbone_weights, take_replaced_convs
 from ...ops import ACMix, ShiftConv2d
 from ...registry import MODELS
 from .base import (ACMixBackbone, check_bool, check_init_cfg, check_int, check_out_indices,
@@ -314,18 +315,16 @@ class ResNetACMix(ACMixBackbone):
         Accepted: the authors' layout (``{'model': state_dict, ...}``, keys as here); a stock
         torchvision ResNet (``torchvision://resnet50``, a URL or a local file); mmdet/mmpretrain
         files (``backbone.`` prefix) and mmengine / Lightning wrappers (see
-        :mod:`acmix_mm.models.checkpoint`). The classifier ``fc.*`` is dropped. From a stock
+        :mod:`acmix_mm.checkpoint.layouts`). The classifier ``fc.*`` is dropped. From a stock
         file, every layer that both networks have loads exactly; the 3x3 conv weights where
         ACMix layers stand are dropped as unused and the ACMix layers keep their init
-        (:func:`~acmix_mm.models.checkpoint.take_replaced_convs`). The summary is logged in one
+        (:func:`~acmix_mm.checkpoint.layouts.take_replaced_convs`). The summary is logged in one
         line. Any other missing, unexpected or mis-shaped key (a file of another depth or
         family) raises ``CheckpointError`` before anything is loaded.
 
         Returns:
-            The :class:`acmix_mm.models.checkpoint.LoadReport`.
+            The :class:`acmix_mm.checkpoint.LoadReport`.
         """
-        from ..checkpoint import convert_resnet_authors, load_backbone_weights, take_replaced_convs
-
         def converter(state):
             state, report = convert_resnet_authors(state)
             return take_replaced_convs(state, self, report), report

@@ -41,6 +41,7 @@ import torch.utils.checkpoint as cp
 from mmengine.model.weight_init import trunc_normal_
 from torch import nn
 
+from ...checkpoint import convert_swin_authors, load_backbone_weights
 from ...registry import MODELS
 from .base import ACMixBackbone, check_bool, check_float, check_init_cfg, check_int, check_sequence
 
@@ -454,7 +455,7 @@ class SwinACMix(ACMixBackbone):
         pretrained: deprecated, use ``init_cfg``.
         init_cfg: None (the authors' init: truncated normal Linear/bias tables, LayerNorm 1/0,
             shift-initialised ``dep_conv``), ``dict(type='Pretrained', checkpoint=PATH)`` (loaded by
-            :mod:`acmix_mm.models.checkpoint`: the authors' Swin-ACmix file or any file in this
+            :mod:`acmix_mm.checkpoint.layouts`: the authors' Swin-ACmix file or any file in this
             backbone's layout, nothing in it executed), or another mmengine init config.
     """
 
@@ -605,10 +606,9 @@ class SwinACMix(ACMixBackbone):
     def load_pretrained(self, path: str):
         """Load the authors' Swin-ACmix checkpoint (or one in this layout) without running it.
 
-        Returns the :class:`~acmix_mm.models.checkpoint.LoadReport`. Output norms of stages
+        Returns the :class:`~acmix_mm.checkpoint.LoadReport`. Output norms of stages
         other than the last are not in the authors' file and keep their init.
         """
-        from ..checkpoint import convert_swin_authors, load_backbone_weights
         last = len(self.depths) - 1
 
         def converter(state):
