@@ -13,6 +13,8 @@ need not be on disk). It also needs one default input size:
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -20,12 +22,45 @@ from torch import nn
 
 from .registry import build_model
 
-__all__ = ['SCOPES', 'DEFAULT_DET_SHAPE', 'DEFAULT_SEG_SHAPE', 'ToolModel', 'config_scope',
+__all__ = ['SCOPES', 'DEFAULT_DET_SHAPE', 'DEFAULT_SEG_SHAPE', 'ToolModel', 'resolve_config_path',
+           'load_tool_config', 'config_scope',
            'default_input_shape', 'without_pretrained', 'build_tool_model']
 
 SCOPES = ('mmdet', 'mmseg')
 DEFAULT_DET_SHAPE = (800, 1344)
 DEFAULT_SEG_SHAPE = (512, 512)
+
+
+def resolve_config_path(name: str) -> str:
+    """A config path on disk for ``name``: a file path, or ``package::relative/path.py`` of an
+    installed OpenMMLab package (its ``.mim/configs`` folder, as mmengine's ``_base_`` does)."""
+    if '::' in name:
+        package, _, rel = name.partition('::')
+        if package not in SCOPES:
+            raise ValueError(f'config {name!r}: the package prefix must be one of '
+                             f'{", ".join(p + "::" for p in SCOPES)}, got {package + "::"!r}')
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f'config {name!r}: package {package!r} is not installed')
+        path = os.path.join(spec.submodule_search_locations[0], '.mim', 'configs', rel)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'config {name!r}: {package} has no config {rel!r} '
+                                    f'(looked for {path})')
+        return path
+    if not os.path.isfile(name):
+        raise FileNotFoundError(f'config file not found: {name}')
+    return name
+
+
+def load_tool_config(name: str, cfg_options: Optional[Mapping[str, Any]] = None):
+    """The mmengine Config of ``name`` (a path, or ``mmdet::``/``mmseg::`` + a path in that
+    package's configs), with ``--cfg-options`` merged."""
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(resolve_config_path(name))
+    if cfg_options:
+        cfg.merge_from_dict(dict(cfg_options))
+    return cfg
 
 
 def config_scope(cfg: Any, what: str = 'this tool') -> str:

@@ -41,9 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import math
-import os
 import statistics
 import sys
 import time
@@ -53,7 +51,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from acmix_mm.tool_models import SCOPES, build_tool_model, config_scope, default_input_shape
+from acmix_mm.tool_batches import dataset_batch, random_batch
+from acmix_mm.tool_models import build_tool_model, config_scope, default_input_shape, load_tool_config
 from acmix_mm.utils.cli import non_negative_int, positive_int
 
 MIB = 2 ** 20
@@ -109,34 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------- configs
-def resolve_config_path(name: str) -> str:
-    """A config path on disk for ``name``: a file path, or ``package::relative/path.py`` of an
-    installed OpenMMLab package (its ``.mim/configs`` folder, as mmengine's ``_base_`` does)."""
-    if '::' in name:
-        package, _, rel = name.partition('::')
-        if package not in SCOPES:
-            raise ValueError(f'config {name!r}: the package prefix must be one of '
-                             f'{", ".join(p + "::" for p in SCOPES)}, got {package + "::"!r}')
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f'config {name!r}: package {package!r} is not installed')
-        path = os.path.join(spec.submodule_search_locations[0], '.mim', 'configs', rel)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f'config {name!r}: {package} has no config {rel!r} '
-                                    f'(looked for {path})')
-        return path
-    if not os.path.isfile(name):
-        raise FileNotFoundError(f'config file not found: {name}')
-    return name
-
-
 def load_config(name: str, cfg_options: Optional[dict] = None):
-    """The mmengine Config of ``name`` (path or ``mmdet::``/``mmseg::``) with the options merged."""
-    from mmengine.config import Config
-
-    cfg = Config.fromfile(resolve_config_path(name))
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
+    """The mmengine Config of ``name`` (path or ``mmdet::``/``mmseg::``), checked to be an
+    mmdet/mmseg model config."""
+    cfg = load_tool_config(name, cfg_options)
     config_scope(cfg, f'the benchmark (config {name!r})')
     return cfg
 
@@ -253,98 +228,6 @@ def _quiet_init_weights(model: nn.Module) -> None:
         model.init_weights()
     finally:
         logger.setLevel(level)
-
-
-def random_batch(scope: str, model: nn.Module, shape: Tuple[int, int], n: int,
-                 gen: torch.Generator) -> dict:
-    """``n`` random uint8 images of ``shape`` with random valid targets, as a dataloader gives."""
-    import numpy as np
-    from mmengine.structures import InstanceData, PixelData
-
-    h, w = shape
-    inputs, samples = [], []
-    for i in range(n):
-        image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen)
-        meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w), scale_factor=(1.0, 1.0),
-                    img_id=i, img_path=f'random_{i}.jpg', flip=False, flip_direction=None)
-        if scope == 'mmdet':
-            from mmdet.structures import DetDataSample
-            from mmdet.structures.mask import BitmapMasks
-            num_classes = _num_classes(model, ('roi_head', 'bbox_head'), ('bbox_head',))
-            # Three boxes of 1/8 to 1/2 of the image side, inside the image.
-            size = torch.rand(3, 2, generator=gen) * 0.375 + 0.125
-            corner = torch.rand(3, 2, generator=gen) * (1 - size)
-            scale = torch.tensor([w, h], dtype=torch.float32)
-            boxes = torch.cat([corner * scale, (corner + size) * scale], dim=1).floor()
-            labels = torch.randint(0, num_classes, (3,), generator=gen)
-            gt = InstanceData(bboxes=boxes, labels=labels)
-            if getattr(model, 'with_mask', False):
-                masks = np.zeros((3, h, w), dtype=np.uint8)
-                for j, (x0, y0, x1, y1) in enumerate(boxes.int().tolist()):
-                    masks[j, y0:y1, x0:x1] = 1
-                gt.masks = BitmapMasks(masks, h, w)
-            sample = DetDataSample(metainfo=meta)
-            sample.gt_instances = gt
-        else:
-            from mmseg.structures import SegDataSample
-            num_classes = _num_classes(model, ('decode_head',))
-            labels = torch.randint(0, num_classes, (1, h, w), generator=gen)
-            sample = SegDataSample(metainfo=meta)
-            sample.gt_sem_seg = PixelData(data=labels)
-        inputs.append(image)
-        samples.append(sample)
-    return dict(inputs=inputs, data_samples=samples)
-
-
-def _num_classes(model: nn.Module, *paths: Sequence[str]) -> int:
-    """num_classes of the first head found along ``paths`` (1 when none is found)."""
-    for path in paths:
-        obj: Any = model
-        for attr in path:
-            obj = getattr(obj, attr, None)
-            if isinstance(obj, (nn.ModuleList, list, tuple)):  # cascade heads: the first stage
-                obj = obj[0] if len(obj) else None
-            if obj is None:
-                break
-        if obj is not None and isinstance(getattr(obj, 'num_classes', None), int):
-            return obj.num_classes
-    return 1
-
-
-def dataset_batch(cfg, shape: Optional[Tuple[int, int]], n: int) -> dict:
-    """The first ``n`` samples of the config's train dataset through its train pipeline.
-
-    With ``shape`` = (H, W), a ``Resize`` to exactly that size (boxes, masks and label maps
-    follow) runs just before the packing transform.
-    """
-    from mmengine.config import ConfigDict
-    from mmengine.dataset import pseudo_collate
-    from mmengine.registry import DATASETS
-
-    from acmix_mm.lightning.data import check_dataset_paths
-
-    loader = cfg.get('train_dataloader')
-    if not loader or 'dataset' not in loader:
-        raise ValueError('--data dataset needs a config with train_dataloader.dataset')
-    dataset_cfg = copy.deepcopy(loader['dataset'].to_dict()
-                                if hasattr(loader['dataset'], 'to_dict') else loader['dataset'])
-    check_dataset_paths(dataset_cfg, 'train_dataloader.dataset')
-    if shape is not None:
-        inner = dataset_cfg
-        while 'pipeline' not in inner and isinstance(inner.get('dataset'), dict):
-            inner = inner['dataset']  # wrappers such as RepeatDataset / ConcatDataset's first
-        pipeline = list(inner.get('pipeline') or [])
-        packs = [i for i, t in enumerate(pipeline) if str(t.get('type', '')).startswith('Pack')]
-        if not packs:
-            raise ValueError('--data dataset --shape: the train pipeline has no Pack* transform '
-                             'to insert the resize before')
-        pipeline.insert(packs[-1], dict(type='Resize', scale=(shape[1], shape[0]),
-                                        keep_ratio=False))
-        inner['pipeline'] = pipeline
-    dataset = DATASETS.build(ConfigDict(dataset_cfg))
-    if len(dataset) < n:
-        raise ValueError(f'--batch {n}: the train dataset has only {len(dataset)} samples')
-    return pseudo_collate([dataset[i] for i in range(n)])
 
 
 # ------------------------------------------------------------------------------- running

@@ -71,12 +71,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
-    from mmengine.config import Config
 
     from acmix_mm.export import (DEFAULT_OPSET, TOLERANCE, ExportError, build_export_target,
                                  check_opset, check_shape, compare_outputs,
                                  export_onnx, run_onnxruntime)
-    from acmix_mm.tool_models import default_input_shape
+    from acmix_mm.tool_models import default_input_shape, load_tool_config
 
     failure: dict = {}  # set by the parity check: exit 1 instead of 2
     try:
@@ -87,9 +86,7 @@ def main(argv=None) -> int:
             raise ExportError(f'checkpoint file not found: {args.checkpoint}')
         opset = DEFAULT_OPSET[args.exporter] if args.opset is None else args.opset
         check_opset(opset, args.exporter)
-        cfg = Config.fromfile(str(config))
-        if args.cfg_options:
-            cfg.merge_from_dict(args.cfg_options)
+        cfg = load_tool_config(str(config), args.cfg_options)
         height, width = check_shape(args.shape if args.shape else default_input_shape(cfg))
         out = args.out or os.path.join(
             'work_dirs', 'onnx', f'{config.stem}_{args.part}_{height}x{width}.onnx')

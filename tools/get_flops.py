@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 def parse_args(argv=None) -> argparse.Namespace:
     from mmengine.config import DictAction
@@ -28,22 +27,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from mmengine.config import Config
-
     from acmix_mm.models.flops import count_config_flops
-    from acmix_mm.tool_models import default_input_shape
+    from acmix_mm.tool_models import default_input_shape, load_tool_config
 
-    path = Path(args.config)
-    if not path.is_file():
-        raise FileNotFoundError(f'config file not found: {path}')
-    cfg = Config.fromfile(str(path))
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = load_tool_config(args.config, args.cfg_options)
     height, width = args.shape if args.shape else default_input_shape(cfg)
     if height < 1 or width < 1:
         raise ValueError(f'--shape must be positive, got {height} {width}')
     report = count_config_flops(cfg, height, width)
-    print(f'{path}  input 1x3x{height}x{width}')
+    print(f'{args.config}  input 1x3x{height}x{width}')
     print(report.summary())
     return 0
 

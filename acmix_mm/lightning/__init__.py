@@ -12,7 +12,8 @@ Public API:
 """
 from .api import test, train
 from .config import load_config, to_plain
-from .data import MMDataModule, check_dataset_paths
+from ..datasets.paths import check_dataset_paths
+from .data import MMDataModule
 from .module import MMLightningModule, NonFiniteLossError, NonFiniteWeightsError
 from .spec import LoopSpec, RunSpec, TrainerOverrides
 from .trainer import build_trainer
