@@ -4,7 +4,7 @@
 #   make test       the default test suite (quick; < ~15 min after install)
 #
 # Both create or refresh the project virtualenv at $(VENV) first; when it is up to
-# date they go straight to work.  GPU users: see README "Installing for a GPU".
+# date they go straight to work.  GPU users: see docs/install.md.
 
 VENV            ?= .venv
 PYTHON          ?= python3
@@ -58,7 +58,7 @@ demo: $(STAMP)
 demo-seg: $(STAMP)
 	$(PY) tools/demo.py seg
 
-# The operator's table, then the backbone comparisons (README "Results and benchmarks"):
+# The operator's table, then the backbone comparisons (docs/benchmarks.md):
 # ResNet-ACMix-50 vs ResNet-50, Swin-ACMix-T vs Swin-T and R50 with ACMix c3-c5 vs R50,
 # fwd+bwd at 800x1344, 2 threads.
 # Tens of minutes on a 2-core CPU.

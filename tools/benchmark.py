@@ -171,11 +171,8 @@ def attn_impls_in(module: nn.Module) -> Dict[str, int]:
 
 def resolved_auto(device: torch.device) -> str:
     """The kernel ``attn_impl='auto'`` picks for float32 activations on ``device``."""
-    try:
-        from acmix_mm.ops.local_attention import resolve_attn_impl
-    except ImportError:  # an operator that resolves 'auto' at construction
-        from acmix_mm.ops import ACMix
-        return ACMix(4, 4, head=1, attn_impl='auto').attn_impl
+    from acmix_mm.ops.local_attention import resolve_attn_impl
+
     return resolve_attn_impl('auto', torch.empty(0, device=device))
 
 

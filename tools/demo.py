@@ -59,7 +59,7 @@ class DemoTask:
 
 
 # Floors: about half of what the demo reaches on 2 CPU cores and far above an untrained model.
-# det (README "Demos"): untrained bbox/segm mAP 0.000/0.000; trained (8 epochs, 400 steps, ~5 min
+# det (docs/benchmarks.md): untrained bbox/segm mAP 0.000/0.000; trained (8 epochs, 400 steps, ~5 min
 # of one core) bbox mAP 0.143, segm mAP 0.162 (0.107/0.130 with lr 2e-3).
 TASKS: Dict[str, DemoTask] = {
     'det': DemoTask(

@@ -101,9 +101,9 @@ def train(cfg: ConfigLike, work_dir: Optional[str] = None, resume: Optional[str]
 
 @rank_zero_only
 def _dump_config(cfg: Config, work_dir: str) -> None:
-    os.makedirs(work_dir, exist_ok=True)
     name = Path(cfg.filename).name if getattr(cfg, 'filename', None) else 'config.py'
-    cfg.dump(os.path.join(work_dir, name))
+    # cfg.dump() with no file gives the text in the format of the config's own file.
+    atomic_write_text(os.path.join(work_dir, name), cfg.dump())
 
 
 def test(cfg: ConfigLike, checkpoint: str, work_dir: Optional[str] = None, out: Optional[str] = None,

@@ -52,17 +52,13 @@ def window_tables(t, y, x, mask_p, stride, dilation, rows_ptr, cols_ptr, cx_ptr,
 
 
 @triton.jit
-def fwd_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, lse_ptr,
-               rows_ptr, cols_ptr, cx_ptr, cy_ptr, scale_ptr,
-               L1, D, DV, WO, NQ, n_pblocks, stride, dilation,
-               sq0, sq1, sqc, sqh, sqw,
-               sk0, sk1, skc, skh, skw,
-               sv0, sv1, svc, svh, svw,
-               sp0, sp1, spc, sph, spw,
-               KERNEL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-               BLOCK_P: tl.constexpr, CDT: tl.constexpr):
-    """out (L, DV, NQ) contiguous, lse (L, NQ) contiguous; one program per (l, pixels)."""
-    pid = tl.program_id(0)
+def query_block(pid, n_pblocks, L1, D, DV, WO, NQ, q_ptr, pos_ptr, scale_ptr,
+                sq0, sq1, sqc, sqh, sqw, sp0, sp1, spc, sph, spw,
+                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_P: tl.constexpr,
+                CDT: tl.constexpr):
+    """A query-side program's share: its leading index (pid_l and its two parts l0, l1), its
+    block of output pixels (offsets, mask, y, x), the channel offsets and masks of q and v, and
+    its queries (D, BLOCK_P) times the scale and positions (BLOCK_P,) in CDT."""
     pid_l = pid // n_pblocks
     pid_p = pid % n_pblocks
     l0 = (pid_l // L1).to(tl.int64)  # int64: batch offsets can exceed 2**31 elements
@@ -76,12 +72,41 @@ def fwd_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, lse_ptr,
     offs_dv = tl.arange(0, BLOCK_DV)
     mask_vd = (offs_dv < DV)[:, None] & mask_p[None, :]
     scale = tl.load(scale_ptr)
-
     q = tl.load(q_ptr + l0 * sq0 + l1 * sq1 + offs_d[:, None] * sqc
                 + (y * sqh + x * sqw)[None, :], mask=mask_qd, other=0.0).to(CDT) * scale
     pos_base = pos_ptr + l0 * sp0 + l1 * sp1 + y * sph + x * spw
     pos_x = tl.load(pos_base, mask=mask_p, other=0.0).to(CDT)
     pos_y = tl.load(pos_base + spc, mask=mask_p, other=0.0).to(CDT)
+    return pid_l, l0, l1, offs_p, mask_p, y, x, offs_d, mask_qd, offs_dv, mask_vd, q, pos_x, pos_y
+
+
+@triton.jit
+def window_logit(t, y, x, mask_p, mask_qd, stride, dilation, rows_ptr, cols_ptr, cx_ptr, cy_ptr,
+                 q, pos_x, pos_y, k_base, skh, skw, KERNEL: tl.constexpr, CDT: tl.constexpr):
+    """Offset t of the block's windows: the source row/col and padded coordinates, the keys there
+    (D, BLOCK_P) in CDT and the logits (BLOCK_P,): q . k plus the position term."""
+    r, c, cxv, cyv = window_tables(t, y, x, mask_p, stride, dilation, rows_ptr, cols_ptr,
+                                   cx_ptr, cy_ptr, KERNEL)
+    kt = tl.load(k_base + (r * skh + c * skw)[None, :], mask=mask_qd, other=0.0).to(CDT)
+    logit = tl.sum(q * kt, axis=0) + pos_x * cxv + pos_y * cyv
+    return r, c, cxv, cyv, kt, logit
+
+
+@triton.jit
+def fwd_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, lse_ptr,
+               rows_ptr, cols_ptr, cx_ptr, cy_ptr, scale_ptr,
+               L1, D, DV, WO, NQ, n_pblocks, stride, dilation,
+               sq0, sq1, sqc, sqh, sqw,
+               sk0, sk1, skc, skh, skw,
+               sv0, sv1, svc, svh, svw,
+               sp0, sp1, spc, sph, spw,
+               KERNEL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+               BLOCK_P: tl.constexpr, CDT: tl.constexpr):
+    """out (L, DV, NQ) contiguous, lse (L, NQ) contiguous; one program per (l, pixels)."""
+    (pid_l, l0, l1, offs_p, mask_p, y, x, offs_d, mask_qd, offs_dv, mask_vd, q, pos_x,
+     pos_y) = query_block(
+        tl.program_id(0), n_pblocks, L1, D, DV, WO, NQ, q_ptr, pos_ptr, scale_ptr,
+        sq0, sq1, sqc, sqh, sqw, sp0, sp1, spc, sph, spw, BLOCK_D, BLOCK_DV, BLOCK_P, CDT)
     k_base = k_ptr + l0 * sk0 + l1 * sk1 + offs_d[:, None] * skc
     v_base = v_ptr + l0 * sv0 + l1 * sv1 + offs_dv[:, None] * svc
 
@@ -89,10 +114,9 @@ def fwd_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, lse_ptr,
     denom = tl.zeros([BLOCK_P], CDT)
     acc = tl.zeros([BLOCK_DV, BLOCK_P], CDT)
     for t in range(KERNEL * KERNEL):
-        r, c, cxv, cyv = window_tables(t, y, x, mask_p, stride, dilation, rows_ptr,
-                                       cols_ptr, cx_ptr, cy_ptr, KERNEL)
-        kt = tl.load(k_base + (r * skh + c * skw)[None, :], mask=mask_qd, other=0.0)
-        logit = tl.sum(q * kt.to(CDT), axis=0) + pos_x * cxv + pos_y * cyv
+        r, c, cxv, cyv, kt, logit = window_logit(
+            t, y, x, mask_p, mask_qd, stride, dilation, rows_ptr,
+            cols_ptr, cx_ptr, cy_ptr, q, pos_x, pos_y, k_base, skh, skw, KERNEL, CDT)
         # Online softmax: rescale what was accumulated under the old running max.
         m_new = tl.maximum(m, logit)
         alpha = tl.exp(m - m_new)
@@ -122,27 +146,12 @@ def bwd_query_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, g_ptr, lse_ptr,
 
     out and g (the output's gradient) are contiguous (L, DV, NQ).
     """
-    pid = tl.program_id(0)
-    pid_l = pid // n_pblocks
-    pid_p = pid % n_pblocks
-    l0 = (pid_l // L1).to(tl.int64)
-    l1 = (pid_l % L1).to(tl.int64)
+    (pid_l, l0, l1, offs_p, mask_p, y, x, offs_d, mask_qd, offs_dv, mask_vd, q, pos_x,
+     pos_y) = query_block(
+        tl.program_id(0), n_pblocks, L1, D, DV, WO, NQ, q_ptr, pos_ptr, scale_ptr,
+        sq0, sq1, sqc, sqh, sqw, sp0, sp1, spc, sph, spw, BLOCK_D, BLOCK_DV, BLOCK_P, CDT)
     lin = pid_l.to(tl.int64)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < NQ
-    y = offs_p // WO
-    x = offs_p % WO
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_qd = (offs_d < D)[:, None] & mask_p[None, :]
-    offs_dv = tl.arange(0, BLOCK_DV)
-    mask_vd = (offs_dv < DV)[:, None] & mask_p[None, :]
     scale = tl.load(scale_ptr)
-
-    q = tl.load(q_ptr + l0 * sq0 + l1 * sq1 + offs_d[:, None] * sqc
-                + (y * sqh + x * sqw)[None, :], mask=mask_qd, other=0.0).to(CDT) * scale
-    pos_base = pos_ptr + l0 * sp0 + l1 * sp1 + y * sph + x * spw
-    pos_x = tl.load(pos_base, mask=mask_p, other=0.0).to(CDT)
-    pos_y = tl.load(pos_base + spc, mask=mask_p, other=0.0).to(CDT)
     dv_offs = lin * DV * NQ + offs_dv[:, None] * NQ + offs_p[None, :]
     g = tl.load(g_ptr + dv_offs, mask=mask_vd, other=0.0).to(CDT)
     out = tl.load(out_ptr + dv_offs, mask=mask_vd, other=0.0).to(CDT)
@@ -156,10 +165,9 @@ def bwd_query_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, g_ptr, lse_ptr,
     gpx = tl.zeros([BLOCK_P], CDT)
     gpy = tl.zeros([BLOCK_P], CDT)
     for t in range(KERNEL * KERNEL):
-        r, c, cxv, cyv = window_tables(t, y, x, mask_p, stride, dilation, rows_ptr,
-                                       cols_ptr, cx_ptr, cy_ptr, KERNEL)
-        kt = tl.load(k_base + (r * skh + c * skw)[None, :], mask=mask_qd, other=0.0).to(CDT)
-        logit = tl.sum(q * kt, axis=0) + pos_x * cxv + pos_y * cyv
+        r, c, cxv, cyv, kt, logit = window_logit(
+            t, y, x, mask_p, mask_qd, stride, dilation, rows_ptr,
+            cols_ptr, cx_ptr, cy_ptr, q, pos_x, pos_y, k_base, skh, skw, KERNEL, CDT)
         attn = tl.exp(logit - lse)
         vt = tl.load(v_base + (r * svh + c * svw)[None, :], mask=mask_vd, other=0.0)
         ds = attn * (tl.sum(g * vt.to(CDT), axis=0) - delta)  # d loss / d logit_t

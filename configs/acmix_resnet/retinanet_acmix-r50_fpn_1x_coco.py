@@ -12,7 +12,7 @@
 # would fix them at their random init. With your own ResNet-ACMix ImageNet file:
 # --cfg-options model.backbone.init_cfg.checkpoint=PATH model.backbone.frozen_stages=1.
 # Every 3x3 conv is ACMix here; configs/acmix_layer/ keeps stage 1 a pretrained conv and is
-# the better start (README).
+# the better start (docs/configs.md).
 _base_ = 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'
 
 model = dict(

@@ -8,7 +8,7 @@ returned (malloc_trim), then the process RSS, the objects Python's garbage colle
 and the results each metric still holds.
 
 Bounds, from the end of epoch 2 to the end of the last epoch (epochs 1-2 fill caches):
-* RSS grows by less than ``RSS_BOUND_MB`` (measured here: see the README text; a few MB of
+* RSS grows by less than ``RSS_BOUND_MB`` (measured: docs/benchmarks.md; a few MB of
   allocator noise at most);
 * gc-tracked objects grow by less than ``OBJECT_BOUND`` (measured: 6-20 per run);
 * the metrics hold no result after any epoch (mmengine's BaseMetric.evaluate clears them).

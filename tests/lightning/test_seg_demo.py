@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-# An untrained model scores mIoU 2.5 on these scenes (README "Demos"); the floor is far above it.
+# An untrained model scores mIoU 2.5 on these scenes (docs/benchmarks.md); the floor is far above it.
 UNTRAINED_MIOU = 2.5
 
 
