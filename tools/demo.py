@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
+from acmix_mm.checkpoint.atomic import atomic_write, atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -178,7 +180,8 @@ def plot_curves(rows: List[Dict[str, float]], metric_keys: Sequence[str], path: 
     ax_metric.set(xlabel='step', title='validation')
     ax_metric.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=100, format='png')
     plt.close(fig)
 
 
@@ -227,7 +230,8 @@ def plot_predictions(task: DemoTask, data_root: str, show_dir: str, path: str,
             ax.set_title(f'{stem}: {title}', fontsize=7)
             ax.axis('off')
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=100, format='png')
     plt.close(fig)
     return len(images)
 
@@ -305,8 +309,8 @@ def run_demo(task_name: str, work_dir: Optional[str] = None, data_root: Optional
                         passed=value >= floor, predictions_png=predictions_png,
                         curves_png=curves_png, train_seconds=train_seconds,
                         test_seconds=test_seconds, work_dir=work_dir)
-    with open(os.path.join(work_dir, 'demo_result.json'), 'w') as f:
-        json.dump(dataclasses.asdict(result), f, indent=2, default=str)
+    atomic_write_text(os.path.join(work_dir, 'demo_result.json'),
+                      json.dumps(dataclasses.asdict(result), indent=2, default=str))
     return result
 
 
