@@ -158,27 +158,34 @@ def read_metrics_csv(work_dir: str) -> List[Dict[str, float]]:
 
 
 def plot_curves(rows: List[Dict[str, float]], metric_keys: Sequence[str], path: str) -> None:
-    """Training losses (left) and validation metrics (right) against the training step."""
+    """Training losses, learning rate and validation metrics, stacked on one training-step axis."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4))
+    def series(key: str):
+        pts = sorted((r['step'], r[key]) for r in rows if key in r and 'step' in r)
+        return zip(*pts) if pts else ((), ())
+
+    fig, (ax_loss, ax_lr, ax_metric) = plt.subplots(
+        3, 1, figsize=(8, 8), sharex=True, gridspec_kw=dict(height_ratios=(3, 1, 2)))
     loss_keys = sorted({k for r in rows for k in r if k.startswith('train/loss')})
     for key in loss_keys:
-        pts = [(r['step'], r[key]) for r in rows if key in r and 'step' in r]
-        if pts:
-            xs, ys = zip(*pts)
-            ax_loss.plot(xs, ys, label=key[len('train/'):], lw=2 if key == 'train/loss' else 1)
-    ax_loss.set(xlabel='step', ylabel='loss', title='training losses', yscale='log')
-    ax_loss.legend(fontsize=7)
+        xs, ys = series(key)
+        ax_loss.plot(xs, ys, label=key[len('train/'):], lw=2 if key == 'train/loss' else 0.8)
+    ax_loss.set(ylabel='loss (log)', yscale='log', title='training')
+    ax_loss.legend(fontsize=7, ncol=2)
+    xs, ys = series('train/lr')
+    ax_lr.plot(xs, ys, color='tab:gray')
+    ax_lr.set(ylabel='learning rate')
+    ax_lr.ticklabel_format(axis='y', style='sci', scilimits=(0, 0))
     for key in metric_keys:
-        pts = [(r['step'], r[key]) for r in rows if key in r and 'step' in r]
-        if pts:
-            xs, ys = zip(*pts)
-            ax_metric.plot(xs, ys, marker='o', label=key)
-    ax_metric.set(xlabel='step', title='validation')
+        xs, ys = series(key)
+        ax_metric.plot(xs, ys, marker='o', label=key)
+    ax_metric.set(xlabel='training step', ylabel='metric', title='validation')
     ax_metric.legend(fontsize=7)
+    for ax in (ax_loss, ax_lr, ax_metric):
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_write(path) as tmp:
         fig.savefig(tmp, dpi=100, format='png')
