@@ -86,13 +86,13 @@ def test_coco_show_pipeline_draws_on_the_resized_image(coco_root, tmp_path, caps
     coco = json.loads((coco_root / 'annotations/instances_val.json').read_text())
     for image in coco['images']:
         png = read_rgb(out / 'val' / image['file_name'])
-        # The demo's Resize(scale=(256, 256), keep_ratio=True) takes the 96 x 96 images to 256.
-        assert png.shape == (256, 256, 3)
+        # The demo's Resize(scale=(128, 128), keep_ratio=True) takes the 96 x 96 images to 128.
+        assert png.shape == (128, 128, 3)
         src = mmcv.imresize(read_rgb(coco_root / 'images/val' / image['file_name']).astype(np.uint8),
-                            (256, 256)).astype(np.int64)
+                            (128, 128)).astype(np.int64)
         # The val pipeline loads annotations after Resize (at 96 px): they are drawn scaled.
         assert_boxes_drawn(src, png, [a['bbox'] for a in coco['annotations']
-                                      if a['image_id'] == image['id']], scale=256 / 96)
+                                      if a['image_id'] == image['id']], scale=128 / 96)
 
 
 @pytest.mark.parametrize('show_pipeline', [False, True])

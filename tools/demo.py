@@ -48,6 +48,8 @@ class DemoTask:
         report: metrics printed at the end (the floor metric first).
         val_image_glob: the validation images, relative to the data root (for the figure).
         gt_label_dir: for segmentation, the validation label folder (drawn beside predictions).
+        data_kwargs: the generator's other arguments (image size, shapes per image, their sizes);
+            a demo dataset on disk generated with other values is generated again.
     """
     config: str
     layout: str
@@ -58,17 +60,20 @@ class DemoTask:
     report: Sequence[str]
     val_image_glob: str
     gt_label_dir: Optional[str] = None
+    data_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 # Floors: about half of what the demo reaches on 2 CPU cores and far above an untrained model.
-# det (docs/benchmarks.md): untrained bbox/segm mAP 0.000/0.000; trained (8 epochs, 400 steps, ~5 min
-# of one core) bbox mAP 0.143, segm mAP 0.162 (0.107/0.130 with lr 2e-3).
+# det (docs/benchmarks.md): untrained bbox/segm mAP 0.000/0.000; trained (14 epochs, 1400 steps of
+# 4 images at 128 px) bbox mAP 0.267, segm mAP 0.327; the same recipe gave 0.294/0.345 with 12
+# epochs and 0.543/0.610 with 15: the from-scratch training is far from stable yet.
 TASKS: Dict[str, DemoTask] = {
     'det': DemoTask(
         config='configs/demo/maskrcnn_acmix-r26-slim_shapes-coco.py', layout='coco',
-        num_train=200, num_val=40, floor_metric='coco/bbox_mAP', floor=0.05,
+        num_train=400, num_val=40, floor_metric='coco/bbox_mAP', floor=0.13,
         report=('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/segm_mAP', 'coco/segm_mAP_50'),
-        val_image_glob='images/val/*.png'),
+        val_image_glob='images/val/*.png',
+        data_kwargs=dict(size=(128, 128), num_objects=(1, 4), radius_range=(0.12, 0.35))),
     'seg': DemoTask(
         config='configs/demo/semfpn_acmix-r26-slim_shapes-ade.py', layout='ade',
         num_train=200, num_val=40, floor_metric='mIoU', floor=30.0,
@@ -130,18 +135,24 @@ def ensure_data(task: DemoTask, root: str, num_train: int, num_val: int, seed: i
     from acmix_mm.datasets import synthetic
 
     info = Path(root) / 'dataset_info.json'
+    overwrite = False
     if info.is_file():
-        layout = json.loads(info.read_text()).get('layout')
+        written = json.loads(info.read_text())
+        layout = written.get('layout')
         expected = {'coco': 'coco', 'ade': 'ade20k'}[task.layout]
         if layout != expected:
             raise FileExistsError(f'{root} holds a {layout!r} dataset; the {task.layout} demo '
                                   f'needs {expected!r} (pass --data-root elsewhere)')
-        return False
-    if Path(root).exists() and any(Path(root).iterdir()):
+        wanted = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in task.data_kwargs.items()}
+        if all(written.get(k) == v for k, v in wanted.items()):
+            return False
+        overwrite = True  # an earlier demo's data, drawn with other settings: draw it again
+    elif Path(root).exists() and any(Path(root).iterdir()):
         raise FileExistsError(f'{root} is not empty and is not a synthetic demo dataset (no '
                               'dataset_info.json); remove it or pass --data-root elsewhere')
     generate = {'coco': synthetic.generate_coco_shapes, 'ade': synthetic.generate_ade_scenes}
-    generate[task.layout](root, num_train=num_train, num_val=num_val, seed=seed)
+    generate[task.layout](root, num_train=num_train, num_val=num_val, seed=seed, overwrite=overwrite,
+                          **task.data_kwargs)
     return True
 
 
@@ -168,7 +179,7 @@ def plot_curves(rows: List[Dict[str, float]], metric_keys: Sequence[str], path: 
         return zip(*pts) if pts else ((), ())
 
     fig, (ax_loss, ax_lr, ax_metric) = plt.subplots(
-        3, 1, figsize=(8, 8), sharex=True, gridspec_kw=dict(height_ratios=(3, 1, 2)))
+        3, 1, figsize=(9, 8), sharex=True, gridspec_kw=dict(height_ratios=(3, 1, 2)))
     loss_keys = sorted({k for r in rows for k in r if k.startswith('train/loss')})
     for key in loss_keys:
         xs, ys = series(key)
@@ -244,9 +255,33 @@ def plot_predictions(task: DemoTask, data_root: str, show_dir: str, path: str,
 
 
 # -- the pipeline ---------------------------------------------------------------------------------
+def evaluate_untrained(cfg, work_dir: str) -> Dict[str, Any]:
+    """The val metrics of the config's model as training starts it (seeded the same way).
+
+    The initialised weights are saved to ``WORK_DIR/untrained/untrained.ckpt`` and evaluated
+    through ``acmix_mm.lightning.test`` like the trained ones; training seeds itself again, so
+    this does not change the trained model.
+    """
+    import torch
+    from lightning.pytorch import seed_everything
+
+    from acmix_mm.lightning import MMLightningModule, test
+
+    seed = (cfg.get('randomness') or {}).get('seed')
+    if seed is not None:
+        seed_everything(seed, workers=False, verbose=False)
+    model = MMLightningModule(cfg.copy()).model
+    folder = os.path.join(work_dir, 'untrained')
+    path = os.path.join(folder, 'untrained.ckpt')
+    with atomic_write(path) as tmp:
+        torch.save({'state_dict': model.state_dict()}, tmp)
+    return test(cfg.copy(), path, work_dir=folder, enable_progress_bar=False)
+
+
 @dataclasses.dataclass
 class DemoResult:
     metrics: Dict[str, Any]
+    untrained: Dict[str, Any]
     floor_metric: str
     floor: float
     passed: bool
@@ -279,6 +314,8 @@ def run_demo(task_name: str, work_dir: Optional[str] = None, data_root: Optional
     else:
         log(f'[demo] using the dataset in {root}')
 
+    log('[demo] evaluating the untrained model')
+    untrained = evaluate_untrained(cfg, work_dir)
     overrides = TrainerOverrides(max_epochs=max_epochs, max_steps=max_steps)
     start = time.time()
     extra = {}
@@ -312,7 +349,7 @@ def run_demo(task_name: str, work_dir: Optional[str] = None, data_root: Optional
     if task.floor_metric not in metrics:
         raise KeyError(f'the test metrics lack {task.floor_metric!r}; got {sorted(metrics)}')
     value = float(metrics[task.floor_metric])
-    result = DemoResult(metrics=metrics, floor_metric=task.floor_metric, floor=floor,
+    result = DemoResult(metrics=metrics, untrained=untrained, floor_metric=task.floor_metric, floor=floor,
                         passed=value >= floor, predictions_png=predictions_png,
                         curves_png=curves_png, train_seconds=train_seconds,
                         test_seconds=test_seconds, work_dir=work_dir)
@@ -324,10 +361,13 @@ def run_demo(task_name: str, work_dir: Optional[str] = None, data_root: Optional
 def summary(task_name: str, result: DemoResult) -> str:
     """The lines printed at the end of a demo."""
     task = TASKS[task_name]
-    lines = [f'[demo {task_name}] train {result.train_seconds:.0f} s, test {result.test_seconds:.0f} s']
+    lines = [f'[demo {task_name}] train {result.train_seconds:.0f} s, test {result.test_seconds:.0f} s',
+             f'  {"metric":<18} {"untrained":>9} {"trained":>9}']
     for key in task.report:
         if key in result.metrics:
-            lines.append(f'  {key:<18} {float(result.metrics[key]):.4f}')
+            before = result.untrained.get(key)
+            before = f'{float(before):9.4f}' if before is not None else f'{"-":>9}'
+            lines.append(f'  {key:<18} {before} {float(result.metrics[key]):9.4f}')
     verdict = 'PASS' if result.passed else 'FAIL'
     value = float(result.metrics[result.floor_metric])
     lines.append(f'{verdict}: {result.floor_metric} = {value:.4f} '

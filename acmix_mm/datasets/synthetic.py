@@ -203,6 +203,18 @@ def _check_args(num_train: int, num_val: int, seed: int, size: Sequence[int]) ->
     return int(size[0]), int(size[1])
 
 
+def _check_shape_args(num_objects: Sequence[int], radius_range: Sequence[float]
+                      ) -> tuple[tuple[int, int], tuple[float, float]]:
+    lo, hi = (tuple(num_objects) + (None, None))[:2] if len(num_objects) == 2 else (None, None)
+    if not (isinstance(lo, (int, np.integer)) and isinstance(hi, (int, np.integer)) and 1 <= lo <= hi <= 20):
+        raise ValueError(f'num_objects must be two integers 1 <= low <= high <= 20, got {num_objects!r}')
+    r = tuple(float(v) for v in radius_range) if len(radius_range) == 2 else ()
+    if len(r) != 2 or not 0.02 <= r[0] <= r[1] <= 0.5:
+        raise ValueError(f'radius_range must be two fractions 0.02 <= low <= high <= 0.5 of the image side, '
+                         f'got {radius_range!r}')
+    return (int(lo), int(hi)), (r[0], r[1])
+
+
 def _write_rgb(path: Path, image: np.ndarray, jpeg_quality: int = 90) -> None:
     bgr = np.ascontiguousarray(image[..., ::-1])
     params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality] if path.suffix == '.jpg' else []
@@ -235,7 +247,8 @@ def _coco_annotations(objects: list[dict], image_id: int, first_id: int) -> list
 
 def generate_coco_shapes(out_dir: str | os.PathLike, num_train: int = 200, num_val: int = 40,
                          seed: int = 0, size: Sequence[int] = (256, 256),
-                         overwrite: bool = False) -> Path:
+                         overwrite: bool = False, num_objects: Sequence[int] = (1, 5),
+                         radius_range: Sequence[float] = (0.08, 0.25)) -> Path:
     """Write the COCO-format shapes dataset (layout in the module docstring).
 
     Args:
@@ -244,11 +257,14 @@ def generate_coco_shapes(out_dir: str | os.PathLike, num_train: int = 200, num_v
         seed: base seed (>= 0).
         size: ``(height, width)`` of every image, pixels.
         overwrite: replace a non-empty ``out_dir``.
+        num_objects: inclusive range of the shapes tried for per image.
+        radius_range: circumradius range of a shape, fraction of the shorter image side.
 
     Returns:
         ``out_dir`` as a ``Path``.
     """
     height, width = _check_args(num_train, num_val, seed, size)
+    num_objects, radius_range = _check_shape_args(num_objects, radius_range)
     out_dir = Path(out_dir)
     categories = [dict(id=i + 1, name=n, supercategory='shape') for i, n in enumerate(COCO_CLASSES)]
     with atomic_directory(out_dir, overwrite) as tmp:
@@ -258,7 +274,8 @@ def generate_coco_shapes(out_dir: str | os.PathLike, num_train: int = 200, num_v
             img_dir.mkdir(parents=True)
             images, annotations = [], []
             for i in range(count):
-                image, objects = render_coco_image(_rng(seed, split, i), height, width)
+                image, objects = render_coco_image(_rng(seed, split, i), height, width,
+                                                   num_objects, radius_range)
                 name = f'{i:06d}.png'
                 _write_rgb(img_dir / name, image)
                 images.append(dict(id=i + 1, file_name=name, height=height, width=width))
@@ -268,18 +285,22 @@ def generate_coco_shapes(out_dir: str | os.PathLike, num_train: int = 200, num_v
                              images=images, annotations=annotations, categories=categories))
         _write_json(tmp / 'dataset_info.json',
                     dict(layout='coco', num_train=num_train, num_val=num_val, seed=seed,
-                         size=[height, width], classes=list(COCO_CLASSES)))
+                         size=[height, width], num_objects=list(num_objects),
+                         radius_range=list(radius_range), classes=list(COCO_CLASSES)))
     return out_dir
 
 
 def generate_ade_scenes(out_dir: str | os.PathLike, num_train: int = 200, num_val: int = 40,
                         seed: int = 0, size: Sequence[int] = (128, 128),
-                        overwrite: bool = False) -> Path:
+                        overwrite: bool = False, num_objects: Sequence[int] = (1, 4),
+                        radius_range: Sequence[float] = (0.08, 0.25)) -> Path:
     """Write the ADE20K-layout scenes dataset (layout in the module docstring).
 
-    Arguments as :func:`generate_coco_shapes`. Returns ``out_dir`` as a ``Path``.
+    Arguments as :func:`generate_coco_shapes` (``num_objects``: objects in front of the sky and
+    ground, clutter aside). Returns ``out_dir`` as a ``Path``.
     """
     height, width = _check_args(num_train, num_val, seed, size)
+    num_objects, radius_range = _check_shape_args(num_objects, radius_range)
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, overwrite) as tmp:
         for split, folder, count in (('train', 'training', num_train),
@@ -288,13 +309,15 @@ def generate_ade_scenes(out_dir: str | os.PathLike, num_train: int = 200, num_va
             img_dir.mkdir(parents=True)
             ann_dir.mkdir(parents=True)
             for i in range(count):
-                image, label = render_ade_scene(_rng(seed, split, i), height, width)
+                image, label = render_ade_scene(_rng(seed, split, i), height, width,
+                                                num_objects, radius_range)
                 stem = f'ade_{split}_{i:06d}'
                 _write_rgb(img_dir / f'{stem}.jpg', image)
                 if not cv2.imwrite(str(ann_dir / f'{stem}.png'), label):
                     raise OSError(f'could not write label {ann_dir / stem}.png')
         _write_json(tmp / 'dataset_info.json',
                     dict(layout='ade20k', num_train=num_train, num_val=num_val, seed=seed,
-                         size=[height, width], classes=list(ADE_CLASSES),
+                         size=[height, width], num_objects=list(num_objects),
+                         radius_range=list(radius_range), classes=list(ADE_CLASSES),
                          palette=[list(c) for c in ADE_PALETTE]))
     return out_dir

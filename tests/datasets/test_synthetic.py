@@ -243,3 +243,17 @@ def test_cli(tmp_path, capsys):
     assert 'not empty' in capsys.readouterr().err
     assert cli.main(['coco', '--out', str(tmp_path / 'x'), '--size', '8', '8']) == 2
     assert 'size' in capsys.readouterr().err
+
+
+def test_shape_counts_and_sizes_are_recorded_and_checked(tmp_path):
+    out = synthetic.generate_coco_shapes(tmp_path / 'big', num_train=2, num_val=1, size=(64, 64),
+                                         num_objects=(2, 2), radius_range=(0.2, 0.3))
+    info = json.loads((out / 'dataset_info.json').read_text())
+    assert (info['num_objects'], info['radius_range']) == ([2, 2], [0.2, 0.3])
+    for bad, message in (((0, 3), 'num_objects must be two integers'),
+                         ((3, 2), 'num_objects must be two integers')):
+        with pytest.raises(ValueError, match=message):
+            synthetic.generate_coco_shapes(tmp_path / 'no', num_train=1, num_val=1, num_objects=bad)
+    with pytest.raises(ValueError, match=r'radius_range must be two fractions .* got \(0.3, 0.9\)'):
+        synthetic.generate_ade_scenes(tmp_path / 'no', num_train=1, num_val=1, radius_range=(0.3, 0.9))
+    assert not (tmp_path / 'no').exists()  # refused before anything was written
