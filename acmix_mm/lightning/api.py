@@ -138,8 +138,8 @@ def test(cfg: ConfigLike, checkpoint: str, work_dir: Optional[str] = None, out: 
         callbacks.append(VisualizationCallback(cfg.get('visualizer'), show_dir))
     if out:
         prepare_output_location(cfg.test_evaluator, out)
-    trainer = build_trainer(spec, **dict(dict(logger=False, enable_checkpointing=False, callbacks=callbacks),
-                                         **trainer_kwargs))
+    trainer = build_trainer(spec, **{'logger': False, 'enable_checkpointing': False, 'callbacks': callbacks,
+                                     **trainer_kwargs})
     work_dir = spec.work_dir
     if trainer.is_global_zero:
         # Metrics print their reports through mmengine's current logger (mmseg IoUMetric's
