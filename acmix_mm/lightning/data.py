@@ -85,10 +85,16 @@ class MMDataModule(LightningDataModule):
         if spec is not None and seed is not None:
             raise ValueError('give MMDataModule a spec or a seed, not both (the spec holds the seed)')
         self.spec: RunSpec = spec if spec is not None else RunSpec.default_for(self.cfg, seed=seed)
-        self.seed = self.spec.seed
-        self.per_sample_seed = self.spec.lightning.per_sample_seed
         self.datasets: Dict[str, Dataset] = {}
         self.evaluators: Dict[str, Evaluator] = {}
+
+    @property
+    def seed(self) -> Optional[int]:
+        return self.spec.seed
+
+    @property
+    def per_sample_seed(self) -> bool:
+        return self.spec.lightning.per_sample_seed
 
     # -- building -------------------------------------------------------------------------------
     def splits_for(self, stage: Optional[str]) -> tuple:

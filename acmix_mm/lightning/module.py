@@ -29,7 +29,7 @@ from ..registry import build_model
 from ..checkpoint import layouts
 from ..checkpoint.fit import check_model_fits
 from .config import ConfigLike, as_config, to_plain
-from .spec import LoopSpec, RunSpec
+from .spec import LoopSpec, OptimSettings, RunSpec
 from .resumable import collect_rng_states, restore_rng_states
 from .optim import SchedulerStepper, build_optimizer, build_param_schedulers, clip_gradients
 
@@ -89,15 +89,24 @@ class MMLightningModule(LightningModule):
                             'mmengine BaseModel subclasses (with data_preprocessor and loss/predict modes)')
         if init_weights and hasattr(self.model, 'init_weights'):
             self.model.init_weights()
-        self.nan_policy = self.spec.lightning.nan_policy
-        self.sync_bn = self.spec.lightning.sync_bn
-        self.optim_settings = self.spec.optim
         self.stepper: Optional[SchedulerStepper] = None
         self._pending_scheduler_states = None
         self._pending_rng_states: Optional[Mapping[str, Any]] = None
         self._pending_loader_state: Optional[Mapping[str, Any]] = None
         self.metrics: Dict[str, Dict[str, Any]] = {}
         self.evaluators: Dict[str, Any] = {}  # set directly when no MMDataModule is used
+
+    @property
+    def nan_policy(self) -> str:
+        return self.spec.lightning.nan_policy
+
+    @property
+    def sync_bn(self) -> str:
+        return self.spec.lightning.sync_bn
+
+    @property
+    def optim_settings(self) -> OptimSettings:
+        return self.spec.optim
 
     # -- device ---------------------------------------------------------------------------------
     def _apply(self, fn, *args, **kwargs):
