@@ -31,3 +31,37 @@ def test_through_train(ctx, action, error, match):
     with pytest.raises(error, match=match):
         action(ctx)
     assert not ctx.work_dir.exists()
+
+
+def _set(path: str, value):
+    """A row that sets ``cfg.<path> = value`` and trains."""
+    def run(ctx):
+        node = ctx.cfg
+        *parents, leaf = path.split('.')
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+        run_train(ctx)
+    return run
+
+
+# Each of these used to fail inside trainer.fit (torch's or the DataLoader's message, naming no
+# key) after the work dir, the config copy and the loggers' folders were written.
+@pytest.mark.parametrize('action, message', [
+    (_set('optim_wrapper.optimizer.lr', 'abc'),
+     "optim_wrapper.optimizer.lr='abc' must be a finite number >= 0"),
+    (_set('optim_wrapper.optimizer.lr', -0.1),
+     'optim_wrapper.optimizer.lr=-0.1 must be a finite number >= 0'),
+    (_set('optim_wrapper.optimizer.weight_decay', float('nan')),
+     'optim_wrapper.optimizer.weight_decay=nan must be a finite number >= 0'),
+    (_set('optim_wrapper.optimizer.betas', (0.9, 1.5)),
+     'optim_wrapper.optimizer.betas=(0.9, 1.5) must be two numbers in [0, 1)'),
+    (_set('train_dataloader.batch_size', 0), 'train_dataloader.batch_size=0 must be an integer >= 1'),
+    (_set('train_dataloader.num_workers', -1), 'train_dataloader.num_workers=-1 must be an integer >= 0'),
+    (_set('val_dataloader.batch_size', 2.5), 'val_dataloader.batch_size=2.5 must be an integer >= 1'),
+])
+def test_checked_before_output(ctx, action, message):
+    with pytest.raises(ValueError) as info:
+        action(ctx)
+    assert str(info.value) == message
+    assert not ctx.work_dir.exists()

@@ -15,6 +15,7 @@ temporary file (``.NAME.partial-*``) can be removed with :func:`remove_partial_f
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import shutil
@@ -27,6 +28,7 @@ __all__ = ['PARTIAL_MARK', 'atomic_write', 'atomic_write_bytes', 'atomic_write_t
 
 PathLike = Union[str, 'os.PathLike[str]']
 PARTIAL_MARK = '.partial-'
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _CHUNK = 8 << 20  # bytes per write() call: a large checkpoint is not one giant syscall
 
 
@@ -51,7 +53,7 @@ def _fsync_path(path: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: PathLike) -> Iterator[str]:
+def atomic_write(path: PathLike, size: Optional[int] = None) -> Iterator[str]:
     """Yield a temporary path next to ``path``; when the block ends normally it becomes ``path``.
 
     Write the whole content to the yielded path inside the block (``torch.save(obj, tmp)``,
@@ -62,9 +64,11 @@ def atomic_write(path: PathLike) -> Iterator[str]:
 
     Args:
         path: the target file; its folder is created when missing.
+        size: the bytes the content will take, when known: a full disk's error names it.
 
     Raises:
-        OSError: the folder cannot be created or written; nothing is left behind.
+        OSError: the folder cannot be created or written; nothing is left behind. A full disk
+            (``ENOSPC``, ``EDQUOT``) gets a message naming ``path``, ``size`` and the free bytes.
     """
     path = os.path.abspath(os.fspath(path))
     folder = os.path.dirname(path)
@@ -76,6 +80,12 @@ def atomic_write(path: PathLike) -> Iterator[str]:
         _fsync_path(tmp)  # the bytes are on disk before the name points at them
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if err.errno in _DISK_FULL:
+            raise _disk_full_error(err, path, size) from None
+        raise
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -83,9 +93,21 @@ def atomic_write(path: PathLike) -> Iterator[str]:
     _fsync_path(folder)
 
 
+def _disk_full_error(err: OSError, path: str, size: Optional[int]) -> OSError:
+    """The ``OSError`` of a full disk, naming the file, the bytes it needs and the bytes free."""
+    folder = os.path.dirname(path)
+    try:
+        free = f'{shutil.disk_usage(folder).free:,} bytes are free there'
+    except OSError:
+        free = 'the free space could not be read'
+    need = f'it needs {size:,} bytes' if size is not None else 'its size is not known in advance'
+    return OSError(err.errno, f'no space left to write {path} ({err.strerror}): {need}, {free}; '
+                   'the previous file under that name, if any, is unchanged', path)
+
+
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through :func:`atomic_write`."""
-    with atomic_write(path) as tmp, open(tmp, 'wb') as f:
+    with atomic_write(path, size=len(data)) as tmp, open(tmp, 'wb') as f:
         view = memoryview(data)
         for start in range(0, len(view), _CHUNK):
             f.write(view[start:start + _CHUNK])

@@ -88,7 +88,7 @@ def train(cfg: ConfigLike, work_dir: Optional[str] = None, resume: Optional[str]
     datamodule.setup('fit')  # read and check the datasets before any output is written
     ckpt_path = resolve_resume(resume, spec.work_dir)
     # --resume / load_from: read and checked now, a clear error before anything is built
-    start = StartCheckpoint.read(ckpt_path, cfg.get('load_from'))
+    start = StartCheckpoint.read(ckpt_path, cfg.get('load_from'), spec.loop)
     if spec.seed is not None:
         seed_everything(spec.seed, workers=False, verbose=False)
     module = MMLightningModule(cfg, spec)

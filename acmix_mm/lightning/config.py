@@ -24,7 +24,12 @@ def as_config(cfg: ConfigLike) -> Config:
         path = Path(cfg)
         if not path.is_file():
             raise FileNotFoundError(f'config file {str(path)!r} does not exist')
-        return Config.fromfile(str(path))
+        try:
+            return Config.fromfile(str(path))
+        except SyntaxError as err:
+            # mmengine parses the text itself, so Python reports the file as '<unknown>'.
+            raise SyntaxError(f'config file {str(path)!r}, line {err.lineno}: {err.msg}',
+                              (str(path), err.lineno, err.offset, err.text)) from None
     if isinstance(cfg, Mapping):
         return Config(dict(cfg))
     raise TypeError(f'a config must be an mmengine Config, a dict or a path, got {type(cfg).__name__}')

@@ -42,6 +42,17 @@ _EVAL_SAMPLERS = ('DefaultSampler', 'mmengine.DefaultSampler')
 _INFINITE_SAMPLERS = ('InfiniteSampler', 'mmengine.InfiniteSampler')
 
 
+def check_loader_numbers(loader_cfg: Mapping[str, Any], key: str) -> None:
+    """Raise ``ValueError`` naming ``<key>.batch_size`` (an int >= 1) or ``<key>.num_workers``
+    (an int >= 0) when the value is out of range; torch would fail inside ``trainer.fit``."""
+    for name, low in (('batch_size', 1), ('num_workers', 0)):
+        if name not in loader_cfg:
+            continue
+        value = loader_cfg[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f'{key}.{name}={value!r} must be an integer >= {low}')
+
+
 def build_evaluator(evaluator_cfg: Any, dataset: Dataset, where: str) -> Evaluator:
     """Build an mmengine ``Evaluator`` from ``val_evaluator``/``test_evaluator`` for ``dataset``."""
     if isinstance(evaluator_cfg, Evaluator):
@@ -119,6 +130,7 @@ class MMDataModule(LightningDataModule):
                 raise ValueError(f'the config has no {key}, which stage {stage!r} needs')
             if 'dataset' not in loader_cfg:
                 raise ValueError(f'{key} has no dataset')
+            check_loader_numbers(loader_cfg, key)
             if isinstance(loader_cfg['dataset'], Mapping):
                 check_dataset_paths(loader_cfg['dataset'], f'{key}.dataset')
             if split != 'train' and not self.cfg.get(f'{split}_evaluator'):

@@ -16,6 +16,8 @@ Lightning's defaults.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
 import warnings
 from pathlib import Path
@@ -157,6 +159,7 @@ class OptimSettings:
             else:
                 raise ValueError(f'optim_wrapper.dtype={dtype!r} is not supported; '
                                  "allowed: 'float16', 'bfloat16'")
+        check_optimizer_numbers(optim_cfg.get('optimizer'))
         accumulate = optim_cfg.get('accumulative_counts', 1)
         if not isinstance(accumulate, int) or accumulate < 1:
             raise ValueError(f'optim_wrapper.accumulative_counts must be a positive int, got {accumulate!r}')
@@ -171,6 +174,34 @@ class OptimSettings:
             if clip_type not in ('norm', 'value'):
                 raise ValueError(f"optim_wrapper.clip_grad.type={clip_type!r}; allowed: 'norm', 'value'")
         return cls(clip_grad, precision, accumulate)
+
+
+#: Optimiser arguments that must be real numbers >= 0 when a config sets them.
+OPTIMIZER_NUMBERS = ('lr', 'weight_decay', 'momentum', 'eps', 'alpha', 'dampening')
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_optimizer_numbers(optimizer_cfg: Optional[Mapping[str, Any]]) -> None:
+    """Raise ``ValueError`` naming ``optim_wrapper.optimizer.<key>`` when a hyperparameter is not a
+    finite real number >= 0 (:data:`OPTIMIZER_NUMBERS`), or ``betas`` is not two numbers in [0, 1).
+
+    torch would only reject such a value inside ``trainer.fit``, without naming the key.
+    """
+    if not isinstance(optimizer_cfg, Mapping):
+        return
+    for key in OPTIMIZER_NUMBERS:
+        if key in optimizer_cfg:
+            value = optimizer_cfg[key]
+            if not _is_real(value) or value < 0:
+                raise ValueError(f'optim_wrapper.optimizer.{key}={value!r} must be a finite number >= 0')
+    if 'betas' in optimizer_cfg:
+        betas = optimizer_cfg['betas']
+        if (not isinstance(betas, (list, tuple)) or len(betas) != 2
+                or not all(_is_real(b) and 0 <= b < 1 for b in betas)):
+            raise ValueError(f'optim_wrapper.optimizer.betas={betas!r} must be two numbers in [0, 1)')
 
 
 @dataclasses.dataclass(frozen=True)

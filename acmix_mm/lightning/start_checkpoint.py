@@ -13,6 +13,7 @@ import torch
 
 from ..checkpoint import CheckpointError, check_model_fits, load_checkpoint_dict, model_state_dict
 from ..checkpoint.safe import display_global
+from .spec import LoopSpec
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,22 @@ def _lightning_refusals(path: str) -> List[str]:
     except Exception:  # noqa: BLE001 -- legacy (non-zip) files: safe_load already read them
         return []
     return [display_global(n) for n in sorted(names)]
+
+
+def _check_loop_reaches(loop: LoopSpec, checkpoint: Mapping[str, Any], path: str) -> None:
+    """Raise ``ValueError`` when the run's limit lies before the checkpoint's position.
+
+    Lightning would restore the checkpoint and stop at once, or fail inside ``fit``. A limit equal
+    to the checkpoint's position is allowed (a finished run has nothing left to do).
+    """
+    epoch, step = int(checkpoint['epoch']), int(checkpoint['global_step'])
+    if loop.by_epoch and loop.max_epochs is not None and loop.max_epochs <= epoch:
+        raise ValueError(f'--resume: checkpoint {path!r} is in epoch {epoch} (0-based, step {step}), '
+                         f'past max_epochs={loop.max_epochs}: resume with max_epochs > {epoch} '
+                         '(train_cfg.max_epochs or --max-epochs)')
+    if not loop.by_epoch and loop.max_iters is not None and loop.max_iters < step:
+        raise ValueError(f'--resume: checkpoint {path!r} is at step {step}, past max_iters={loop.max_iters}: '
+                         f'resume with max_iters >= {step} (train_cfg.max_iters or --max-steps)')
 
 
 class StartCheckpoint:
@@ -64,13 +81,15 @@ class StartCheckpoint:
         self._state_dict: Optional[Mapping[str, torch.Tensor]] = None
 
     @classmethod
-    def read(cls, resume: Optional[str], load_from: Any = None) -> 'StartCheckpoint':
+    def read(cls, resume: Optional[str], load_from: Any = None,
+             loop: Optional[LoopSpec] = None) -> 'StartCheckpoint':
         """Read and check the files (see the class docstring); returns what :meth:`apply` needs.
 
         Raises:
             FileNotFoundError, CheckpointError, TypeError: a missing, unreadable, unsafe or
                 weights-only ``--resume`` file, or a bad ``load_from`` value; each message names
                 the file (or value) and what is wrong.
+            ValueError: ``loop`` (the run's limits) ends before the ``--resume`` checkpoint.
         """
         if load_from is not None and not isinstance(load_from, (str, os.PathLike)):
             raise TypeError(f'load_from={load_from!r} is a {type(load_from).__name__}; expected the path '
@@ -78,7 +97,7 @@ class StartCheckpoint:
         load_from = os.fspath(load_from) if load_from else None
         start = cls(resume, load_from)
         if resume is not None:
-            start._state_dict = start._read_resume(resume)
+            start._state_dict = start._read_resume(resume, loop)
         elif load_from is not None:
             if not os.path.isfile(load_from):
                 raise FileNotFoundError(f'load_from: checkpoint file {load_from!r} does not exist'
@@ -87,7 +106,7 @@ class StartCheckpoint:
         return start
 
     @staticmethod
-    def _read_resume(path: str) -> Mapping[str, torch.Tensor]:
+    def _read_resume(path: str, loop: Optional[LoopSpec]) -> Mapping[str, torch.Tensor]:
         checkpoint = load_checkpoint_dict(path)
         missing = [k for k in RESUME_KEYS if k not in checkpoint]
         if missing:
@@ -104,6 +123,8 @@ class StartCheckpoint:
                 f'--resume: checkpoint {path!r} holds {", ".join(refused)}, which Lightning\'s '
                 'weights_only loader refuses; tools/train.py writes plain data only, so this file was '
                 'not written by it. Start a new run from its weights with load_from=PATH instead')
+        if loop is not None:
+            _check_loop_reaches(loop, checkpoint, path)
         return model_state_dict(checkpoint, path)
 
     def apply(self, model: torch.nn.Module) -> None:

@@ -26,12 +26,14 @@ from __future__ import annotations
 from typing import Any, Dict, List
 
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
 from .checkpoint_io import AtomicCheckpointIO
+from .progress import IterationProgressBar
 from .spec import RunSpec
 
 __all__ = ['build_trainer']
@@ -120,4 +122,7 @@ def build_trainer(spec: RunSpec, **extra: Any) -> Trainer:
                 kwargs['plugins'] = [p for p in kwargs['plugins'] if isinstance(p, CheckpointIO)] + plugins
     if kwargs.get('enable_checkpointing') is False:
         kwargs['callbacks'] = [c for c in kwargs['callbacks'] if not isinstance(c, ModelCheckpoint)]
+    if (loop is not None and not loop.by_epoch and kwargs.get('enable_progress_bar') is not False
+            and _RICH_AVAILABLE and not any(isinstance(c, ProgressBar) for c in kwargs['callbacks'])):
+        kwargs['callbacks'].append(IterationProgressBar())  # 'Step 120/1000', not 'Epoch 1/-2'
     return Trainer(**kwargs)
