@@ -13,10 +13,14 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('config', help='mmengine config file')
     parser.add_argument('--work-dir', help='checkpoints and logs (default: cfg.work_dir or work_dirs/<config>)')
-    parser.add_argument('--resume', nargs='?', const=AUTO_RESUME, default=None, metavar='CKPT',
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument('--resume', nargs='?', const=AUTO_RESUME, default=None, metavar='CKPT',
                         help="resume from CKPT; with no value, from the newest whole checkpoint in "
                              "WORK_DIR/checkpoints (normally last.ckpt). The run continues as if never "
                              "stopped: mid-epoch position, schedules and random states come from the checkpoint")
+    start.add_argument('--restart', action='store_true',
+                       help='start a new run in a work dir that holds an earlier run\'s checkpoints: '
+                            'WORK_DIR/checkpoints is moved to checkpoints.old-<time> first (nothing is deleted)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE',
                         help='override config entries, e.g. train_dataloader.batch_size=4')
     parser.add_argument('--accelerator', help="'cpu', 'gpu', 'auto' (default: config or auto)")
@@ -37,7 +41,8 @@ def main(argv=None):
     overrides = TrainerOverrides(accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
                                  strategy=args.strategy, precision=args.precision,
                                  max_epochs=args.max_epochs, max_steps=args.max_steps)
-    train(cfg, work_dir=args.work_dir, resume=args.resume, overrides=overrides, seed=args.seed)
+    train(cfg, work_dir=args.work_dir, resume=args.resume, overrides=overrides, seed=args.seed,
+          restart=args.restart)
 
 
 if __name__ == '__main__':

@@ -5,6 +5,7 @@ or written, so that a bad value fails fast with a message naming it and leaves n
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -26,6 +27,7 @@ from .outputs import VisualizationCallback, format_metrics, prepare_output_locat
 from .spec import CHECKPOINT_DIR, RunSpec, TrainerOverrides, apply_loop_spec
 from .start_checkpoint import StartCheckpoint
 from .trainer import build_trainer
+from .work_dir import WorkDirLock, check_fresh_work_dir, is_launching_process
 
 AUTO_RESUME = 'auto'
 
@@ -65,8 +67,12 @@ def resolve_resume(resume: Optional[str], work_dir: str) -> Optional[str]:
 
 def train(cfg: ConfigLike, work_dir: Optional[str] = None, resume: Optional[str] = None,
           overrides: Optional[TrainerOverrides] = None, seed: Optional[int] = None,
-          **trainer_kwargs: Any) -> MMLightningModule:
+          restart: bool = False, **trainer_kwargs: Any) -> MMLightningModule:
     """Train the config's model with Lightning; returns the trained module.
+
+    The run holds its work dir (:class:`~acmix_mm.lightning.work_dir.WorkDirLock`): a second run
+    on it fails at once. A new run refuses a work dir holding an earlier run's checkpoints
+    unless ``restart`` (:func:`~acmix_mm.lightning.work_dir.check_fresh_work_dir`).
 
     Args:
         cfg: config (object, dict or path); ``--cfg-options`` are merged by the caller.
@@ -74,8 +80,12 @@ def train(cfg: ConfigLike, work_dir: Optional[str] = None, resume: Optional[str]
         resume: a checkpoint path, or ``'auto'`` for the newest checkpoint in the work dir (:func:`resolve_resume`).
         overrides: command-line Trainer values (devices, strategy, precision, max epochs/steps).
         seed: global seed (``--seed``), else ``cfg.randomness.seed``.
+        restart: ``--restart``: move an earlier run's ``checkpoints/`` aside and start over.
         **trainer_kwargs: extra ``lightning.pytorch.Trainer`` arguments.
     """
+    if restart and resume is not None:
+        raise ValueError('restart=True (--restart) starts a new run and resume (--resume) continues one: '
+                         'pass only one of them')
     cfg = as_config(cfg)
     spec = RunSpec.from_config(cfg, 'fit', work_dir=work_dir, seed=seed, overrides=overrides)
     # The config copy in the work dir and each checkpoint's meta show the run as it ran.
@@ -93,9 +103,17 @@ def train(cfg: ConfigLike, work_dir: Optional[str] = None, resume: Optional[str]
         seed_everything(spec.seed, workers=False, verbose=False)
     module = MMLightningModule(cfg, spec)
     start.apply(module.model)  # --resume: the weights fit the model; load_from: loads them
-    trainer = build_trainer(spec, **trainer_kwargs)
-    _dump_config(cfg, spec.work_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    owner = is_launching_process()
+    if not owner and restart:
+        restart = False  # rank 0 moved the old checkpoints before it launched this rank
+    with WorkDirLock(spec.work_dir) if owner else contextlib.nullcontext():
+        if owner:
+            moved = check_fresh_work_dir(spec.work_dir, resuming=ckpt_path is not None, restart=restart)
+            if moved:
+                MMLogger.get_current_instance().info(f'--restart: moved the earlier checkpoints to {moved}')
+        trainer = build_trainer(spec, **trainer_kwargs)
+        _dump_config(cfg, spec.work_dir)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     return module
 
 
