@@ -322,7 +322,9 @@ def run_demo(task_name: str, work_dir: Optional[str] = None, data_root: Optional
     if max_steps is not None:
         # A shortened run still logs (the config's interval may exceed it).
         extra['log_every_n_steps'] = max(1, min(max_steps, 10))
-    train(cfg.copy(), work_dir=work_dir, overrides=overrides, enable_progress_bar=False, **extra)
+    # Each demo run starts over: an earlier run's checkpoints move to checkpoints.old-<time>.
+    train(cfg.copy(), work_dir=work_dir, overrides=overrides, restart=True, enable_progress_bar=False,
+          **extra)
     train_seconds = time.time() - start
     palette = cfg.get('metainfo', {}).get('palette')
     if task.gt_label_dir:

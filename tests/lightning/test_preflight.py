@@ -15,30 +15,21 @@ from acmix_mm.lightning.trainer import build_trainer
 from .helpers import tiny_maskrcnn_config
 
 
-def test_resume_past_max_epochs_fails_before_output(coco_root, tmp_path):
-    first = tiny_maskrcnn_config(coco_root, max_iters=None, max_epochs=2, work_dir=tmp_path / 'first')
-    train(first, accelerator='cpu', logger=False, enable_progress_bar=False)
-    ckpt = str(tmp_path / 'first' / 'checkpoints' / 'epoch=1-step=4.ckpt')
-    assert os.path.isfile(ckpt)
-    second = tiny_maskrcnn_config(coco_root, max_iters=None, max_epochs=1, work_dir=tmp_path / 'second')
+@pytest.mark.parametrize('first, ckpt_name, second, message', [
+    (dict(max_iters=None, max_epochs=2), 'epoch=1-step=4.ckpt', dict(max_iters=None, max_epochs=1),
+     "is in epoch 1 (0-based, step 4), past max_epochs=1: resume with max_epochs > 1 "
+     '(train_cfg.max_epochs or --max-epochs)'),
+    (dict(max_iters=2), 'last.ckpt', dict(max_iters=1),
+     'is at step 2, past max_iters=1: resume with max_iters >= 2 (train_cfg.max_iters or --max-steps)'),
+])
+def test_resume_past_the_runs_end_fails_before_output(coco_root, tmp_path, first, ckpt_name, second, message):
+    train(tiny_maskrcnn_config(coco_root, work_dir=tmp_path / 'first', **first), accelerator='cpu',
+          logger=False, enable_progress_bar=False)
+    ckpt = str(tmp_path / 'first' / 'checkpoints' / ckpt_name)
     with pytest.raises(ValueError) as info:
-        train(second, resume=ckpt, accelerator='cpu', logger=False)
-    assert str(info.value) == (
-        f"--resume: checkpoint {ckpt!r} is in epoch 1 (0-based, step 4), past max_epochs=1: resume "
-        'with max_epochs > 1 (train_cfg.max_epochs or --max-epochs)')
-    assert not (tmp_path / 'second').exists()
-
-
-def test_resume_past_max_iters_fails_before_output(coco_root, tmp_path):
-    first = tiny_maskrcnn_config(coco_root, max_iters=2, work_dir=tmp_path / 'first')
-    train(first, accelerator='cpu', logger=False, enable_progress_bar=False)
-    ckpt = str(tmp_path / 'first' / 'checkpoints' / 'last.ckpt')
-    second = tiny_maskrcnn_config(coco_root, max_iters=1, work_dir=tmp_path / 'second')
-    with pytest.raises(ValueError) as info:
-        train(second, resume=ckpt, accelerator='cpu', logger=False)
-    assert str(info.value) == (
-        f'--resume: checkpoint {ckpt!r} is at step 2, past max_iters=1: resume with max_iters >= 2 '
-        '(train_cfg.max_iters or --max-steps)')
+        train(tiny_maskrcnn_config(coco_root, work_dir=tmp_path / 'second', **second), resume=ckpt,
+              accelerator='cpu', logger=False)
+    assert str(info.value) == f'--resume: checkpoint {ckpt!r} {message}'
     assert not (tmp_path / 'second').exists()
 
 
