@@ -103,9 +103,7 @@ def train(cfg: ConfigLike, work_dir: Optional[str] = None, resume: Optional[str]
         seed_everything(spec.seed, workers=False, verbose=False)
     module = MMLightningModule(cfg, spec)
     start.apply(module.model)  # --resume: the weights fit the model; load_from: loads them
-    owner = is_launching_process()
-    if not owner and restart:
-        restart = False  # rank 0 moved the old checkpoints before it launched this rank
+    owner = is_launching_process()  # the other ranks share rank 0's work dir, lock and checks
     with WorkDirLock(spec.work_dir) if owner else contextlib.nullcontext():
         if owner:
             moved = check_fresh_work_dir(spec.work_dir, resuming=ckpt_path is not None, restart=restart)
