@@ -6,7 +6,6 @@ or written, so that a bad value fails fast with a message naming it and leaves n
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
 import time
@@ -27,22 +26,9 @@ from .outputs import VisualizationCallback, format_metrics, prepare_output_locat
 from .spec import CHECKPOINT_DIR, RunSpec, TrainerOverrides, apply_loop_spec
 from .start_checkpoint import StartCheckpoint
 from .trainer import build_trainer
-from .work_dir import WorkDirLock, check_fresh_work_dir, is_launching_process
+from .work_dir import WorkDirLock, check_fresh_work_dir, is_launching_process, newest_checkpoint
 
 AUTO_RESUME = 'auto'
-
-
-def newest_checkpoint(folder: str) -> Optional[str]:
-    """The most recently completed ``*.ckpt`` in ``folder`` (None if there is none).
-
-    Checkpoints are renamed into place only once whole (checkpoint_io.py), so a file's mtime is
-    when its write completed. ``last.ckpt`` is normally the newest; a kill between writing
-    ``epoch=E-step=S.ckpt`` and ``last.ckpt`` leaves the former newer (or last.ckpt absent).
-    """
-    paths = glob.glob(os.path.join(folder, '*.ckpt'))
-    if not paths:
-        return None
-    return max(paths, key=lambda p: (os.stat(p).st_mtime_ns, os.path.basename(p) == 'last.ckpt'))
 
 
 def resolve_resume(resume: Optional[str], work_dir: str) -> Optional[str]:

@@ -23,7 +23,8 @@ from typing import Optional
 
 from .spec import CHECKPOINT_DIR
 
-__all__ = ['LOCK_NAME', 'WorkDirBusyError', 'WorkDirLock', 'check_fresh_work_dir', 'is_launching_process']
+__all__ = ['LOCK_NAME', 'WorkDirBusyError', 'WorkDirLock', 'check_fresh_work_dir', 'is_launching_process',
+           'newest_checkpoint']
 
 LOCK_NAME = '.acmix_mm.lock'
 
@@ -86,6 +87,19 @@ def _read_holder(fd: int) -> str:
         return 'holder unknown: the lock file does not say'
 
 
+def newest_checkpoint(folder: str) -> Optional[str]:
+    """The most recently completed ``*.ckpt`` in ``folder`` (None if there is none).
+
+    Checkpoints are renamed into place only once whole (checkpoint_io.py), so a file's mtime is
+    when its write completed. ``last.ckpt`` is normally the newest; a kill between writing
+    ``epoch=E-step=S.ckpt`` and ``last.ckpt`` leaves the former newer (or last.ckpt absent).
+    """
+    paths = glob.glob(os.path.join(folder, '*.ckpt'))
+    if not paths:
+        return None
+    return max(paths, key=lambda p: (os.stat(p).st_mtime_ns, os.path.basename(p) == 'last.ckpt'))
+
+
 def check_fresh_work_dir(work_dir: str, resuming: bool, restart: bool) -> Optional[str]:
     """Refuse to start a new run over an earlier run's checkpoints (see the module docstring).
 
@@ -102,20 +116,20 @@ def check_fresh_work_dir(work_dir: str, resuming: bool, restart: bool) -> Option
             or ``restart``; nothing is changed.
     """
     folder = os.path.join(work_dir, CHECKPOINT_DIR)
-    found = sorted(glob.glob(os.path.join(glob.escape(folder), '*.ckpt')))
-    if resuming or not found:
+    newest = None if resuming else newest_checkpoint(folder)
+    if newest is None:
         return None
     if not restart:
-        newest = max(found, key=os.path.getmtime)
+        count = len(glob.glob(os.path.join(glob.escape(folder), '*.ckpt')))
         raise FileExistsError(
-            f'work dir {work_dir!r} holds {len(found)} checkpoint(s) of an earlier run (newest: '
+            f'work dir {work_dir!r} holds {count} checkpoint(s) of an earlier run (newest: '
             f'{os.path.basename(newest)}); a new run would mix its checkpoints with them. Pass '
             '--resume to continue that run, --work-dir to start elsewhere, or --restart to move '
             f'{folder} aside (to {CHECKPOINT_DIR}.old-<time>) and start over')
-    moved = f'{folder}.old-{time.strftime("%Y%m%d-%H%M%S")}'
+    stem = moved = f'{folder}.old-{time.strftime("%Y%m%d-%H%M%S")}'
     suffix = 1
     while os.path.exists(moved):
-        moved = f'{folder}.old-{time.strftime("%Y%m%d-%H%M%S")}-{suffix}'
+        moved = f'{stem}-{suffix}'
         suffix += 1
     os.rename(folder, moved)
     return moved
