@@ -128,7 +128,9 @@ def _garbage_jpg(ctx: Ctx) -> None:
     data['images'][1]['file_name'] = 'broken.jpg'
     (ctx.root / 'images' / 'broken.jpg').write_bytes(b'<html>404 Not Found</html>' + bytes(200))
     ctx.write_ann(data)
-    ctx.coco()
+    dataset = ctx.coco(pipeline=[dict(type='LoadImageFromFile')])  # names only at start-up
+    for i in range(len(dataset)):
+        dataset[i]  # the content is checked where it is loaded
 
 
 def _garbage_jpg_in_mmcv_loader(ctx: Ctx) -> None:
@@ -321,8 +323,8 @@ ROWS = [
         r"4 of 4 images listed in annotation file '.*instances_train\.json' do not exist: "
         r"'.*train_000\.png', '.*train_001\.png', '.*train_002\.png' and 1 more \(image folder\(s\): '.*images'\)"),
     row('garbage-jpg', _garbage_jpg, ValueError,
-        r"1 of 4 images listed in annotation file '.*' are not image files: '.*broken\.jpg'; "
-        r'allowed formats: JPEG, PNG, BMP, GIF, TIFF, WebP'),
+        r"image file '.*broken\.jpg' listed in annotation file '.*' is not an image file \(226 bytes, starting "
+        r"b'<html>404 No'\); allowed formats: JPEG, PNG, BMP, GIF, TIFF, WebP"),
     row('garbage-jpg-mmcv', _garbage_jpg_in_mmcv_loader, AssertionError,
         r'failed to load image: .*broken\.jpg'),
     row('json-truncated', _truncated_json, ValueError,
@@ -475,15 +477,16 @@ def test_lightning_section_keys_are_defined_once():
     from acmix_mm.lightning import section
     assert section.LIGHTNING_KEYS == (
         'accelerator', 'devices', 'num_nodes', 'strategy', 'precision', 'find_unused_parameters', 'nan_policy',
-        'per_sample_seed', 'sync_bn', 'log_every_n_steps', 'num_sanity_val_steps', 'enable_progress_bar',
-        'checkpoint', 'loggers', 'trainer_kwargs')
+        'per_sample_seed', 'check_data', 'sync_bn', 'log_every_n_steps', 'num_sanity_val_steps',
+        'enable_progress_bar', 'checkpoint', 'loggers', 'trainer_kwargs')
     full = dict(accelerator='cpu', devices=2, num_nodes=3, strategy='ddp', precision='bf16-mixed',
-                find_unused_parameters=True, nan_policy='skip', per_sample_seed=False, sync_bn='keep',
+                find_unused_parameters=True, nan_policy='skip', per_sample_seed=False, check_data=False,
+                sync_bn='keep',
                 log_every_n_steps=7, num_sanity_val_steps=2, enable_progress_bar=False,
                 checkpoint=dict(save_top_k=2), loggers='csv', trainer_kwargs=dict(max_time='00:01:00:00'))
     parsed = section.LightningSection.from_config(full)
     assert parsed.loggers == ('csv',) and dict(parsed.checkpoint) == dict(save_top_k=2)
-    assert [getattr(parsed, k) for k in ('accelerator', 'devices', 'num_nodes', 'nan_policy', 'sync_bn')] == \
-        ['cpu', 2, 3, 'skip', 'keep']
+    assert [getattr(parsed, k) for k in ('accelerator', 'devices', 'num_nodes', 'nan_policy', 'sync_bn',
+                                         'check_data')] == ['cpu', 2, 3, 'skip', 'keep', False]
     with pytest.raises(dataclasses.FrozenInstanceError):
         parsed.nan_policy = 'raise'

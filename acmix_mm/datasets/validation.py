@@ -40,19 +40,10 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 from mmengine.logging import print_log
 
 from ..registry import DATASETS
+from .image_files import IMAGE_SIGNATURES, missing_files, wrap_loaders
 
 __all__ = ['CheckedCocoDataset', 'build_dataset', 'validate_dataset', 'load_coco_json', 'check_image_files',
            'IMAGE_SIGNATURES', 'SKIP_REASONS']
-
-# Leading bytes of the image formats that mmcv's cv2/PIL decoders read.
-IMAGE_SIGNATURES: dict[str, tuple[bytes, ...]] = {
-    'JPEG': (b'\xff\xd8\xff',),
-    'PNG': (b'\x89PNG\r\n\x1a\n',),
-    'BMP': (b'BM',),
-    'GIF': (b'GIF87a', b'GIF89a'),
-    'TIFF': (b'II*\x00', b'MM\x00*'),
-    'WebP': (b'RIFF',),  # + 'WEBP' at offset 8, checked below
-}
 
 # Why an annotation was skipped, in the order they are tested (the first that applies counts).
 SKIP_REASONS: dict[str, str] = {
@@ -87,8 +78,8 @@ def load_coco_json(path: str) -> dict:
     Raises:
         FileNotFoundError: no such file.
         ValueError: not JSON (truncated, empty, not UTF-8), not a JSON object, no ``images``
-            list, an image entry without ``id``/``file_name``/``width``/``height``, or
-            ``annotations``/``categories`` that are not lists.
+            list, an image entry without ``id``/``file_name``/``width``/``height``,
+            ``annotations``/``categories`` that are not lists, or two images with one ``id``.
     """
     if not osp.isfile(path):
         raise FileNotFoundError(f'annotation file {path!r} does not exist')
@@ -122,7 +113,26 @@ def load_coco_json(path: str) -> dict:
         if missing:
             raise ValueError(f'annotation file {path!r}: images[{i}] has no {", ".join(missing)} '
                              f'(got {image!r:.200}); every COCO image needs id, file_name, width, height')
+    _check_unique_image_ids(data['images'], path)
     return data
+
+
+def _check_unique_image_ids(images: Sequence[Mapping[str, Any]], path: str) -> None:
+    """Two images with one id: the COCO index would give both every annotation of either."""
+    first: dict = {}
+    duplicates: list = []
+    for i, image in enumerate(images):
+        key = image['id']
+        if key in first:
+            duplicates.append((key, first[key], i))
+        else:
+            first[key] = i
+    if duplicates:
+        key, a, b = duplicates[0]
+        more = f' ({len(duplicates)} images repeat an earlier id)' if len(duplicates) > 1 else ''
+        raise ValueError(f'annotation file {path!r}: image id {key!r} is used twice, by images[{a}] '
+                         f'({images[a]["file_name"]!r}) and images[{b}] ({images[b]["file_name"]!r}){more}; '
+                         'image ids must be unique')
 
 
 def classify_annotation(ann: Mapping[str, Any], width: float, height: float,
@@ -168,44 +178,23 @@ def skipped_summary(skipped: Mapping[str, int], total: int) -> str:
 
 
 # ----------------------------------------------------------------------------- image files
-def _signature_ok(head: bytes) -> bool:
-    for name, signatures in IMAGE_SIGNATURES.items():
-        if any(head.startswith(s) for s in signatures):
-            return name != 'WebP' or head[8:12] == b'WEBP'
-    return False
-
-
 def check_image_files(paths: Sequence[str], where: str) -> None:
-    """Raise if an image file is missing or does not start like an image (16 bytes read per file).
+    """Raise if an image file is missing: one folder listing per folder, no file is opened.
+
+    What the files hold is checked where the loader reads them (:class:`CheckedLoad`).
 
     Args:
         paths: local image paths.
         where: what lists them, for the message (e.g. the annotation file).
 
     Raises:
-        FileNotFoundError: some files do not exist (all listed up to a few, with the count).
-        ValueError: some files are not JPEG/PNG/BMP/GIF/TIFF/WebP (e.g. garbage or HTML).
+        FileNotFoundError: some files do not exist (listed up to a few, with the count).
     """
-    missing, garbage = [], []
-    for path in paths:
-        try:
-            with open(path, 'rb') as f:
-                head = f.read(16)
-        except FileNotFoundError:
-            missing.append(path)
-            continue
-        except IsADirectoryError:
-            garbage.append(path)
-            continue
-        if not _signature_ok(head):
-            garbage.append(path)
+    missing = missing_files(paths)
     if missing:
         folders = sorted({osp.dirname(p) for p in missing})
         raise FileNotFoundError(f'{len(missing)} of {len(paths)} images listed in {where} do not exist: '
                                 f'{_listed(missing)} (image folder(s): {_listed(folders)})')
-    if garbage:
-        raise ValueError(f'{len(garbage)} of {len(paths)} images listed in {where} are not image files: '
-                         f'{_listed(garbage)}; allowed formats: {", ".join(IMAGE_SIGNATURES)}')
 
 
 # ----------------------------------------------------------------------------- any dataset
@@ -333,14 +322,18 @@ if _CocoDataset is not None:
             self.img_ann_map = self.imgToAnns
             self.cat_img_map = self.catToImgs
 
-    @DATASETS.register_module()
-    class CheckedCocoDataset(_CocoDataset):
-        """mmdet's ``CocoDataset`` with checked files and counted skipped annotations (module docstring).
+    class CocoChecks:
+        """The checks of :class:`CheckedCocoDataset`, for any mmdet dataset on mmdet's COCO API.
+
+        Put before the dataset class in the bases: ``class X(CocoChecks, CocoDataset)``.
+        :func:`~acmix_mm.datasets.checked_types.with_data_checks` does this for every COCO-family
+        dataset that ``tools/train.py`` and ``tools/test.py`` build.
 
         Args:
-            check_images: check that every listed image exists and starts like an image file
-                (local files only; 16 bytes read per image).
-            **kwargs: ``CocoDataset``'s arguments.
+            check_images: check that every listed image exists (at start-up, one listing per
+                folder), and in the loader that each image decodes and has the size the
+                annotation file gives (local files only).
+            **kwargs: the dataset's own arguments.
 
         Attributes:
             skipped_annotations: ``{reason: count}`` over ``SKIP_REASONS``, after loading.
@@ -356,6 +349,11 @@ if _CocoDataset is not None:
             self.skipped_annotations: collections.Counter = collections.Counter()
             self.num_annotations = 0
             super().__init__(*args, **kwargs)
+            if check_images:
+                from mmcv.transforms import LoadImageFromFile
+                source = f'annotation file {self.ann_file!r}'
+                self.pipeline.transforms = wrap_loaders(self.pipeline.transforms, [
+                    (LoadImageFromFile, dict(path_key='img_path', what='image', source=source, check_size=True))])
 
         def load_data_list(self) -> list:
             self.skipped_annotations = collections.Counter()
@@ -413,3 +411,12 @@ if _CocoDataset is not None:
                                  f'{self.ann_file!r} to train on ({summary}; filter_cfg={self.filter_cfg!r} '
                                  f'kept {len(data_list)} of {len(self.data_list)} images)')
             return data_list
+
+    @DATASETS.register_module()
+    class CheckedCocoDataset(CocoChecks, _CocoDataset):
+        """mmdet's ``CocoDataset`` with checked files and counted skipped annotations (module docstring).
+
+        Args:
+            check_images: see :class:`CocoChecks`.
+            **kwargs: ``CocoDataset``'s arguments.
+        """

@@ -32,6 +32,7 @@ from mmengine.runner import Runner
 from torch.utils.data import DataLoader, Dataset
 
 from ..datasets.paths import check_dataset_paths
+from ..datasets.checked_types import with_data_checks
 from ..datasets.validation import build_dataset, validate_dataset
 from .config import ConfigLike, as_config
 from .resumable import ResumableDataLoader
@@ -149,6 +150,8 @@ class MMDataModule(LightningDataModule):
             dataset_cfg = self.cfg[f'{split}_dataloader']['dataset']
             where = f'{split}_dataloader.dataset'
             if isinstance(dataset_cfg, Mapping):
+                if self.spec.lightning.check_data:
+                    dataset_cfg = with_data_checks(dataset_cfg)
                 dataset = build_dataset(dataset_cfg, where)  # an empty dataset raises naming its files
             else:
                 dataset = dataset_cfg

@@ -12,6 +12,8 @@ in. This module is the one place that knows the section's keys::
         find_unused_parameters=False,   # DDP; also read from model_wrapper_cfg / find_unused_parameters
         nan_policy='raise',         # or 'skip': what a NaN/Inf training loss does (MMLightningModule)
         per_sample_seed=True,       # augmentation = f(seed, epoch, sample index) (MMDataModule)
+        check_data=True,            # acmix_mm's checks on every COCO-family / mmseg dataset
+                                    # (acmix_mm.datasets.checked_types)
         sync_bn='auto',             # 'auto' | 'keep' | 'revert' (MMLightningModule)
         log_every_n_steps=None,     # None: default_hooks.logger.interval, else 50
         num_sanity_val_steps=0,     # mmengine's Runner runs no sanity check
@@ -58,6 +60,7 @@ class LightningSection:
     find_unused_parameters: Optional[bool] = None
     nan_policy: str = 'raise'
     per_sample_seed: bool = True
+    check_data: bool = True
     sync_bn: str = 'auto'
     log_every_n_steps: Optional[int] = None
     num_sanity_val_steps: int = 0
@@ -151,7 +154,7 @@ def check_lightning_section(section: Any) -> Dict[str, Any]:
         raise ValueError(f'lightning.num_nodes must be an int >= 1, got {section["num_nodes"]!r}')
     if section.get('precision') is not None:
         _check_choice('precision', str(section['precision']), PRECISIONS)
-    for key in ('find_unused_parameters', 'enable_progress_bar', 'per_sample_seed'):
+    for key in ('find_unused_parameters', 'enable_progress_bar', 'per_sample_seed', 'check_data'):
         if key in section:
             _check_type(key, section[key], (bool,), 'True or False')
     if 'nan_policy' in section:
