@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Union
 
 __all__ = ['PARTIAL_MARK', 'atomic_write', 'atomic_write_bytes', 'atomic_write_text',
-           'atomic_directory', 'partial_files', 'remove_partial_files']
+           'atomic_directory', 'partial_files', 'remove_partial_files', 'replace_with_link']
 
 PathLike = Union[str, 'os.PathLike[str]']
 PARTIAL_MARK = '.partial-'
@@ -116,6 +116,34 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
 def atomic_write_text(path: PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_write`."""
     atomic_write_bytes(path, text.encode('utf-8'))
+
+
+def replace_with_link(source: PathLike, target: PathLike) -> None:
+    """Make ``target`` a second name of the file ``source`` (a hard link), replacing it atomically.
+
+    No bytes are copied: for a checkpoint that is also reachable as ``last.ckpt``. The files
+    written here are never changed in place (each write makes a new file and renames it), so the
+    two names cannot drift apart. Where hard links are impossible (some network or FAT file
+    systems) the bytes are copied through :func:`atomic_write`.
+    """
+    source, target = os.fspath(source), os.path.abspath(os.fspath(target))
+    folder = os.path.dirname(target)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(target)}{PARTIAL_MARK}')
+    os.close(fd)
+    os.remove(tmp)  # os.link needs a free name; the name stays unguessable and in the folder
+    try:
+        os.link(source, tmp)
+    except OSError:
+        with atomic_write(target, size=os.path.getsize(source)) as copy:
+            shutil.copyfile(source, copy)
+        return
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    _fsync_path(folder)
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ from ..checkpoint import layouts
 from ..checkpoint.fit import check_model_fits
 from .config import ConfigLike, as_config, to_plain
 from .spec import LoopSpec, OptimSettings, RunSpec
+from .preemption import StopOnSigterm, resume_command
 from .resumable import collect_rng_states, restore_rng_states
 from .optim import SchedulerStepper, build_optimizer, build_param_schedulers, clip_gradients
 
@@ -245,7 +246,10 @@ class MMLightningModule(LightningModule):
         # Lightning runs callbacks' on_train_batch_end before the module's own, and the
         # ModelCheckpoint callback last of them: a step-interval checkpoint would otherwise be
         # written before this batch's schedule step, and a resume would lag the schedule by one.
-        return [_AfterTrainIter()]
+        # The SIGTERM stop writes a checkpoint too, so it comes after the schedule step as well.
+        spec = self.spec
+        return [_AfterTrainIter(),
+                StopOnSigterm(spec.checkpoint_dir, resume_command(getattr(self.cfg, 'filename', None), spec.work_dir))]
 
     def after_train_iter(self, batch_idx: int) -> None:
         """mmengine's ``after_train_iter``: step the schedules, stop after ``max_iters`` batches.
