@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Dict, Mapping, Optional
 
+import torch
 from lightning.pytorch import LightningDataModule
 from mmengine.config import Config, ConfigDict
 from mmengine.dist import sync_random_seed
@@ -31,8 +32,8 @@ from mmengine.registry import EVALUATOR, init_default_scope
 from mmengine.runner import Runner
 from torch.utils.data import DataLoader, Dataset
 
-from ..datasets.paths import check_dataset_paths
 from ..datasets.checked_types import with_data_checks
+from ..datasets.paths import check_dataset_paths
 from ..datasets.validation import build_dataset, validate_dataset
 from .config import ConfigLike, as_config
 from .resumable import ResumableDataLoader
@@ -204,10 +205,23 @@ class MMDataModule(LightningDataModule):
         return ResumableDataLoader.wrap(loader, base_seed)
 
     def val_dataloader(self) -> DataLoader:
-        return self.build_dataloader('val')
+        return self._evaluation_dataloader('val')
 
     def test_dataloader(self) -> DataLoader:
-        return self.build_dataloader('test')
+        return self._evaluation_dataloader('test')
+
+    def _evaluation_dataloader(self, split: str) -> DataLoader:
+        """An evaluation loader that never draws from torch's global generator.
+
+        A DataLoader without its own generator draws its workers' base seed from the global one
+        each time it creates an iterator: at every validation, or once per process with
+        ``persistent_workers``. Training draws from that generator too (RPN/RoI sampling,
+        dropout), so a resumed process, whose first validation creates the iterator again, would
+        otherwise make one draw more than the uninterrupted run and diverge from there.
+        """
+        loader = self.build_dataloader(split)
+        loader.generator = torch.Generator().manual_seed(int(self.seed or 0))
+        return loader
 
     def evaluator(self, split: str) -> Evaluator:
         """The evaluator of ``'val'`` or ``'test'`` (built in :meth:`setup`)."""

@@ -15,6 +15,7 @@ import csv
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -317,6 +318,44 @@ def csv_metrics(work_dir: Path) -> Dict[str, float]:
     """The last evaluation's metrics (``coco/*``) of the newest log."""
     rows = [row for row in csv_rows(work_dir) if row.get('coco/bbox_mAP')]
     return {k: float(v) for k, v in rows[-1].items() if k.startswith('coco/') and v != ''}
+
+
+# -- training: resume from every checkpoint of a run --------------------------------------------------
+def _every_checkpoint_config(data_root: Path, loop: str):
+    """Warm-up then cosine, both by iteration; flips and shuffling; validation loader workers that
+    persist (their iterator is made once per process: the draw that broke resumes)."""
+    if loop == 'epoch':
+        cfg = resume_config(data_root, max_epochs=3)   # checkpoints at steps 3, 6, 9
+    else:
+        cfg = resume_config(data_root, max_iters=8, interval=2)  # steps 2, 4, 6, 8 (2 and 4 mid-epoch)
+    cfg.optim_wrapper = dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=1e-3, weight_decay=0.05))
+    ends = 3 if loop == 'epoch' else 8
+    cfg.param_scheduler = [
+        dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=50),
+        dict(type='CosineAnnealingLR', T_max=ends, by_epoch=loop == 'epoch', begin=0, end=ends,
+             **(dict(convert_to_iter_based=True) if loop == 'epoch' else {}))]
+    for key in ('val_dataloader', 'test_dataloader'):
+        cfg[key].update(num_workers=2, persistent_workers=True)
+    return cfg
+
+
+@pytest.mark.parametrize('loop', ['epoch', 'iter'])
+def test_resume_from_every_checkpoint_equals_uninterrupted(coco6, tmp_path, loop):
+    cfg = _every_checkpoint_config(coco6, loop)
+    ref = tmp_path / 'ref'
+    train(cfg.copy(), work_dir=str(ref), accelerator='cpu')
+    names = sorted((p.name for p in (ref / 'checkpoints').glob('epoch=*.ckpt')),
+                   key=lambda n: int(n.split('step=')[1].split('.')[0]))
+    assert names == (['epoch=0-step=3.ckpt', 'epoch=1-step=6.ckpt', 'epoch=2-step=9.ckpt'] if loop == 'epoch' else
+                     ['epoch=0-step=2.ckpt', 'epoch=1-step=4.ckpt', 'epoch=1-step=6.ckpt', 'epoch=2-step=8.ckpt'])
+    final = _load(ref / 'checkpoints' / names[-1])
+    for name in names[:-1]:
+        work = tmp_path / f'from_{name}'
+        (work / 'checkpoints').mkdir(parents=True)
+        shutil.copy(ref / 'checkpoints' / name, work / 'checkpoints' / name)
+        train(cfg.copy(), work_dir=str(work), resume='auto', accelerator='cpu')
+        assert_same_final_state(final, _load(work / 'checkpoints' / names[-1]))
+        assert csv_metrics(work) == pytest.approx(csv_metrics(ref), abs=1e-6), name
 
 
 # -- training: kill -9 a real tools/train.py and resume (slow) ---------------------------------------
