@@ -5,8 +5,11 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
+from mmengine.config import Config
 
 from acmix_mm.lightning import train
 from acmix_mm.lightning.work_dir import LOCK_NAME, WorkDirBusyError
@@ -70,3 +73,43 @@ def test_new_run_refuses_an_earlier_runs_checkpoints(coco_root, tmp_path):
     assert len(old) == 1
     assert sorted(os.listdir(work_dir / old[0])) == sorted(before)
     assert _checkpoints(work_dir) == ['epoch=0-step=1.ckpt', 'last.ckpt']
+
+
+def test_two_train_py_on_one_work_dir(coco_root, tmp_path):
+    """Two real ``tools/train.py`` runs (seeds 1 and 2) on one work dir: the second fails at once
+    naming the first as the holder, and the first's checkpoint holds seed 1's run."""
+    from .test_resume import REPO
+    cfg = tiny_maskrcnn_config(coco_root, max_iters=100000)  # stopped by SIGTERM below
+    cfg.lightning = dict(enable_progress_bar=False, loggers=['csv'])
+    config = tmp_path / 'two.py'
+    cfg.dump(str(config))
+    work_dir = tmp_path / 'work'
+
+    def start(seed):
+        return subprocess.Popen([sys.executable, 'tools/train.py', str(config), '--work-dir', str(work_dir),
+                                 '--accelerator', 'cpu', '--seed', str(seed)],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    first = start(1)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(work_dir.glob('csv/version_*')) and time.monotonic() < deadline:  # training has begun
+            assert first.poll() is None, first.stdout.read()[-3000:]
+            time.sleep(0.05)
+        second = start(2)
+        out, _ = second.communicate(timeout=300)
+        assert second.returncode == 1, out[-3000:]
+        assert (f"WorkDirBusyError: work dir {str(work_dir)!r} is in use by another training run "
+                f"(pid {first.pid} on host {socket.gethostname()}, started ") in out
+        assert first.poll() is None  # still training: the refusal came at once
+        first.send_signal(signal.SIGTERM)
+        out, _ = first.communicate(timeout=600)
+        assert first.returncode == 143, out[-3000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    names = _checkpoints(work_dir)
+    assert len(names) == 2 and names[1] == 'last.ckpt'  # the SIGTERM checkpoint, and last.ckpt
+    assert not (work_dir / 'csv' / 'version_1').exists()  # the refused run wrote no log
+    saved = torch.load(work_dir / 'checkpoints' / 'last.ckpt', map_location='cpu', weights_only=True)
+    assert Config.fromstring(saved['meta']['cfg'], '.py').randomness.seed == 1
