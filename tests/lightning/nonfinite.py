@@ -2,8 +2,9 @@
 
 ``NonFiniteAtStepMaskRCNN`` is mmdet's own ``MaskRCNN`` (same modules, same state_dict keys, so
 its checkpoints load into a stock Mask R-CNN config) with one change: in the ``loss`` call with
-index ``nonfinite_step`` (0-based, counted per instance) the RPN classification loss is
-multiplied by ``inf`` or ``nan``, as a real divergence would make it. Every other call returns
+index ``nonfinite_step`` (0-based, counted per instance) ``inf`` or ``nan`` is added to the RPN
+classification loss, as a real divergence would make it. (Added, not multiplied: an FPN level
+whose loss is exactly 0 would turn ``0 * inf`` into ``nan``.) Every other call returns
 mmdet's losses untouched. It is registered in mmdet's ``MODELS`` on import.
 """
 from __future__ import annotations
@@ -43,8 +44,8 @@ class NonFiniteAtStepMaskRCNN(MaskRCNN):
         losses = super().loss(batch_inputs, batch_data_samples)
         if self.loss_calls == self.nonfinite_step:
             # mmdet returns loss_rpn_cls as a list (one tensor per FPN level); poison every level.
-            factor = NONFINITE_VALUES[self.nonfinite_value]
+            bad = NONFINITE_VALUES[self.nonfinite_value]
             term = losses[BAD_TERM]
-            losses[BAD_TERM] = [t * factor for t in term] if isinstance(term, list) else term * factor
+            losses[BAD_TERM] = [t + bad for t in term] if isinstance(term, list) else term + bad
         self.loss_calls += 1
         return losses
