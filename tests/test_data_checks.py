@@ -8,7 +8,6 @@ assert that no checkpoint was written.
 """
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 from pathlib import Path

@@ -6,27 +6,28 @@ Two pieces:
   empty dataset raises ``ValueError`` naming its annotation file, image folder and ``filter_cfg``,
   instead of numpy's ``need at least one array to concatenate`` from mmengine's ``full_init``,
   a loop that trains on nothing or a sampler that divides by zero.
-* :class:`CheckedCocoDataset` (``type='acmix_mm.CheckedCocoDataset'``), mmdet's ``CocoDataset``
-  with the same arguments and the same output, plus:
+* :class:`CocoChecks`, mixed into any mmdet dataset on mmdet's COCO API
+  (:mod:`acmix_mm.datasets.checked_types` does it for every dataset ``tools/train.py`` and
+  ``tools/test.py`` build), and :class:`CheckedCocoDataset` (``type='acmix_mm.CheckedCocoDataset'``),
+  mmdet's ``CocoDataset`` with it. Same arguments and the same output, plus:
 
   - the annotation file is read with errors that name it: not JSON (a truncated download), JSON
     that is not COCO (no ``images`` list, an image without ``id``/``file_name``/``width``/
-    ``height``), no images at all;
-  - every listed image must exist and start like an image file (JPEG, PNG, BMP, GIF, TIFF, WebP
-    signatures; 16 bytes read per file), so a missing or garbage file fails at start-up naming
-    its path rather than in a dataloader worker hours later (``check_images=False`` skips this);
+    ``height``), no images at all, two images with one ``id``;
+  - every listed image must exist, checked at start-up from one listing per image folder (no
+    file is opened); where the loader reads an image, a file that is not an image, a truncated
+    one, or one whose size differs from the file's ``width``/``height`` raises naming it
+    (:class:`~acmix_mm.datasets.image_files.CheckedLoad`; ``check_images=False`` skips both);
   - annotations that mmdet skips (zero-area or out-of-image boxes, boxes under 1 px, unknown
     category ids, ``ignore`` flags) are still skipped, as mmdet does, but counted; annotations
     that would crash mmdet's parser (a ``bbox`` that is not 4 numbers, no ``area`` or
     ``category_id``, an ``image_id`` that no image has) are skipped and counted too. One log line
-    per dataset: ``CheckedCocoDataset 'annotations/instances_train.json': skipped 5 of 812
+    per dataset: ``CocoDataset 'annotations/instances_train.json': skipped 5 of 812
     annotations: 2 zero-area, 1 outside image, 2 unknown category id``. The counts are kept in
     ``dataset.skipped_annotations``;
   - a training set without a single usable annotation raises, naming the skip counts and the
-    filter (mmdet's ``filter_empty_gt`` keeps images whose every annotation was skipped).
-
-Images whose header is fine but whose data is corrupt still fail where mmcv decodes them:
-``LoadImageFromFile`` raises ``AssertionError: failed to load image: PATH``.
+    filter (mmdet's ``filter_empty_gt`` keeps images whose every annotation was skipped, and with
+    every category id unknown would filter out every image, leaving an empty dataset).
 """
 from __future__ import annotations
 
@@ -349,7 +350,7 @@ if _CocoDataset is not None:
             self.skipped_annotations: collections.Counter = collections.Counter()
             self.num_annotations = 0
             super().__init__(*args, **kwargs)
-            if check_images:
+            if check_images and self.backend_args is None:  # local files: os can describe them
                 from mmcv.transforms import LoadImageFromFile
                 source = f'annotation file {self.ann_file!r}'
                 self.pipeline.transforms = wrap_loaders(self.pipeline.transforms, [
