@@ -9,6 +9,7 @@ assert that no checkpoint was written.
 from __future__ import annotations
 
 import logging
+import re
 import pickle
 from pathlib import Path
 from typing import Callable
@@ -240,3 +241,21 @@ def test_seg_label_map_checked_where_it_is_loaded(seg_cfg):
     image = Path(dataset.get_data_info(order.index(labels[1]))['img_path'])
     assert errors[labels[1]] == (f"label map '{labels[1]}' has shape (40, 64) but its image '{image}' is 48x64 "
                                  '(HxW); a label map must be a single-channel PNG of the same height and width')
+
+
+def test_benchmark_tool_times_both_checks(tmp_path, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('bench_checks', REPO / 'tools' / 'benchmark_data_checks.py')
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for i in range(3):
+        (tmp_path / f'{i}.png').write_bytes(b'x')
+    assert tool.main(['--folder', str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith('3 files (page cache ')
+    listing = re.match(r'^  folder listing \(start-up check\): +(\d+\.\d\d) s   0 missing$', lines[1])
+    reading = re.match(r'^  open \+ read 16 bytes of every file: +(\d+\.\d\d) s$', lines[2])
+    assert listing and reading, lines
+    with pytest.raises(SystemExit):
+        tool.main(['--num-files', '0'])
+    assert "--num-files must be >= 1, got 0" in capsys.readouterr().err
