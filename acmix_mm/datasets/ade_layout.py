@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 from mmseg.datasets import ADE20KDataset
 
 from ..registry import DATASETS
+from .image_files import listed
 
 __all__ = ['ADE20KLayoutDataset']
 
@@ -66,10 +67,8 @@ class ADE20KLayoutDataset(ADE20KDataset):
         missing = [info['seg_map_path'] for info in data_list
                    if 'seg_map_path' in info and not osp.isfile(info['seg_map_path'])]
         if missing:
-            listed = ', '.join(repr(p) for p in missing[:3])
-            more = f' and {len(missing) - 3} more' if len(missing) > 3 else ''
             raise FileNotFoundError(f'{len(missing)} of {len(data_list)} images in {img_dir!r} '
-                                    f'have no label PNG: {listed}{more} do not exist')
+                                    f'have no label PNG: {listed(missing)} do not exist')
         return data_list
 
     @staticmethod

@@ -83,7 +83,7 @@ class SegChecks:
         self.pipeline.transforms = transforms
 
     def load_data_list(self) -> list:
-        from .image_files import missing_files
+        from .image_files import listed, missing_files
         data_list = super().load_data_list()
         if getattr(self, 'backend_args', None) is not None:
             return data_list  # remote storage: os cannot list it
@@ -91,10 +91,8 @@ class SegChecks:
             paths = [info[key] for info in data_list if info.get(key)]
             missing = missing_files(paths)
             if missing:
-                listed = ', '.join(repr(p) for p in missing[:3])
-                more = f' and {len(missing) - 3} more' if len(missing) > 3 else ''
                 raise FileNotFoundError(f'{len(missing)} of {len(paths)} {what} of {type(self).__name__}'
-                                        f'(data_root={self.data_root!r}) do not exist: {listed}{more}')
+                                        f'(data_root={self.data_root!r}) do not exist: {listed(missing)}')
         return data_list
 
 

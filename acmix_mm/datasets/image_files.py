@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Set
 
 from mmcv.transforms import BaseTransform
 
-__all__ = ['IMAGE_SIGNATURES', 'image_format', 'missing_files', 'CheckedLoad', 'describe_unreadable', 'wrap_loaders']
+__all__ = ['IMAGE_SIGNATURES', 'image_format', 'missing_files', 'CheckedLoad', 'describe_unreadable', 'wrap_loaders', 'listed']
 
 # Leading bytes of the image formats that mmcv's cv2/PIL decoders read.
 IMAGE_SIGNATURES: Dict[str, tuple] = {
@@ -33,6 +33,13 @@ IMAGE_SIGNATURES: Dict[str, tuple] = {
 }
 
 _HEADER_BYTES = 16
+_MAX_LISTED = 3  # how many paths an error message lists before it summarises the rest
+
+
+def listed(items: Sequence[Any]) -> str:
+    """``'a', 'b', 'c' and 4 more``: the first few items of an error message's list."""
+    shown = ', '.join(repr(i) for i in items[:_MAX_LISTED])
+    return shown + (f' and {len(items) - _MAX_LISTED} more' if len(items) > _MAX_LISTED else '')
 
 
 def image_format(head: bytes) -> Optional[str]:

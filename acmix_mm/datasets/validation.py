@@ -41,7 +41,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 from mmengine.logging import print_log
 
 from ..registry import DATASETS
-from .image_files import IMAGE_SIGNATURES, missing_files, wrap_loaders
+from .image_files import IMAGE_SIGNATURES, listed, missing_files, wrap_loaders
 
 __all__ = ['CheckedCocoDataset', 'build_dataset', 'validate_dataset', 'load_coco_json', 'check_image_files',
            'IMAGE_SIGNATURES', 'SKIP_REASONS']
@@ -58,15 +58,6 @@ SKIP_REASONS: dict[str, str] = {
     'unknown_category': 'unknown category id',
     'not_in_classes': "category not in the config's classes",
 }
-
-# How many paths an error message lists before it summarises the rest.
-_MAX_LISTED = 3
-
-
-def _listed(items: Sequence[Any]) -> str:
-    shown = ', '.join(repr(i) for i in items[:_MAX_LISTED])
-    return shown + (f' and {len(items) - _MAX_LISTED} more' if len(items) > _MAX_LISTED else '')
-
 
 # ----------------------------------------------------------------------------- annotation file
 def load_coco_json(path: str) -> dict:
@@ -195,7 +186,7 @@ def check_image_files(paths: Sequence[str], where: str) -> None:
     if missing:
         folders = sorted({osp.dirname(p) for p in missing})
         raise FileNotFoundError(f'{len(missing)} of {len(paths)} images listed in {where} do not exist: '
-                                f'{_listed(missing)} (image folder(s): {_listed(folders)})')
+                                f'{listed(missing)} (image folder(s): {listed(folders)})')
 
 
 # ----------------------------------------------------------------------------- any dataset
