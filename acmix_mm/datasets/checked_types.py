@@ -24,6 +24,8 @@ from typing import Any, Dict, Mapping, Optional
 
 from mmengine.config import ConfigDict
 
+from .validation import dataset_class
+
 __all__ = ['with_data_checks', 'checked_class', 'SegChecks']
 
 _CHECKED: Dict[type, type] = {}  # dataset class -> its checked subclass
@@ -145,18 +147,12 @@ def with_data_checks(dataset_cfg: Mapping[str, Any]) -> ConfigDict:
     ``type`` strings are resolved as mmengine's ``build`` resolves them (the config's
     ``_scope_``, else the default scope); a type acmix_mm has no checks for is left unchanged.
     """
-    from mmengine.registry import DATASETS as ROOT_DATASETS
-
     cfg = ConfigDict(copy.deepcopy(dict(dataset_cfg)))
     if isinstance(cfg.get('dataset'), Mapping):
         cfg['dataset'] = with_data_checks(cfg['dataset'])
     if isinstance(cfg.get('datasets'), (list, tuple)):
         cfg['datasets'] = [with_data_checks(d) if isinstance(d, Mapping) else d for d in cfg['datasets']]
-    cls = cfg.get('type')
-    if isinstance(cls, str):
-        with ROOT_DATASETS.switch_scope_and_registry(cfg.get('_scope_')) as registry:
-            cls = registry.get(cls)
-    checked = checked_class(cls)
+    checked = checked_class(dataset_class(cfg))
     if checked is not None:
         cfg['type'] = checked
     return cfg

@@ -207,6 +207,18 @@ def describe_dataset(dataset: Any) -> str:
 _NOT_LOADED = object()
 
 
+def dataset_class(dataset_cfg: Mapping[str, Any]) -> Any:
+    """The class a dataset config's ``type`` names, resolved as mmengine's ``build`` resolves it
+    (the config's ``_scope_``, else the default scope's registry, e.g. mmdet's, then by prefix);
+    a class given directly is returned as it is."""
+    from mmengine.registry import DATASETS as ROOT_DATASETS
+    cls = dataset_cfg.get('type')
+    if isinstance(cls, str):
+        with ROOT_DATASETS.switch_scope_and_registry(dataset_cfg.get('_scope_')) as registry:
+            cls = registry.get(cls)
+    return cls
+
+
 def build_dataset(dataset_cfg: Mapping[str, Any], where: str) -> Any:
     """Build and fully initialise a dataset config; an empty dataset raises naming its files.
 
@@ -227,11 +239,7 @@ def build_dataset(dataset_cfg: Mapping[str, Any], where: str) -> Any:
     from mmengine.registry import DATASETS as ROOT_DATASETS
 
     cfg = ConfigDict(copy.deepcopy(dict(dataset_cfg)))
-    cls = cfg.get('type')
-    if isinstance(cls, str):
-        # Resolve as build() will: in the default scope's registry (e.g. mmdet's), then by prefix.
-        with ROOT_DATASETS.switch_scope_and_registry(cfg.get('_scope_')) as registry:
-            cls = registry.get(cls)
+    cls = dataset_class(cfg)
     # mmengine's BaseDataset and dataset wrappers take lazy_init (subclasses often via **kwargs).
     lazy = inspect.isclass(cls) and 'lazy_init' not in cfg and (
         issubclass(cls, BaseDataset) or 'lazy_init' in inspect.signature(cls.__init__).parameters)
