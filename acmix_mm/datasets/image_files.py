@@ -20,7 +20,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Set
 
 from mmcv.transforms import BaseTransform
 
-__all__ = ['IMAGE_SIGNATURES', 'image_format', 'missing_files', 'CheckedLoad', 'describe_unreadable', 'wrap_loaders', 'listed']
+__all__ = ['IMAGE_SIGNATURES', 'image_format', 'missing_files', 'CheckedLoad', 'describe_unreadable',
+           'wrap_loaders', 'listed']
 
 # Leading bytes of the image formats that mmcv's cv2/PIL decoders read.
 IMAGE_SIGNATURES: Dict[str, tuple] = {

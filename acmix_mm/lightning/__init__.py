@@ -21,5 +21,5 @@ from .spec import LoopSpec, RunSpec, TrainerOverrides
 from .trainer import build_trainer
 
 __all__ = ['MMLightningModule', 'MMDataModule', 'NonFiniteLossError', 'NonFiniteWeightsError', 'LoopSpec',
-           'RunSpec', 'RunPreempted', 'PREEMPTED_EXIT_CODE', 'TrainerOverrides', 'build_trainer', 'check_dataset_paths', 'load_config', 'to_plain',
-           'train', 'test']
+           'RunSpec', 'RunPreempted', 'PREEMPTED_EXIT_CODE', 'TrainerOverrides', 'build_trainer',
+           'check_dataset_paths', 'load_config', 'to_plain', 'train', 'test']

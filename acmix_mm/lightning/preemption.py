@@ -11,10 +11,12 @@ exit code 0, which a scheduler reads as a finished run. Here instead:
    checkpoint of that step, every rank agrees (any rank signalled: all stop at the same step), and
    the run writes ``WORK_DIR/checkpoints/epoch=E-step=S.ckpt`` atomically, with ``last.ckpt``
    pointing at the same bytes. The checkpoint holds what a step-interval checkpoint holds (data
-   position, schedules, random states), so ``--resume`` continues bit-exactly. Two exceptions:
-   at the last batch of an epoch the run stops after the epoch's end (its validation, when one is
-   due), because Lightning resumes a checkpoint of the last batch as if the epoch's end had run;
-   and a run in its last step, or at the end of its last epoch, finishes normally.
+   position, schedules, random states), so ``--resume`` continues bit-exactly. Three special
+   cases: at the last batch of an epoch the run stops after the epoch's end (its validation, when
+   one is due), because Lightning resumes a checkpoint of the last batch as if the epoch's end had
+   run; a validation due right after the stopped step is skipped by the resumed run, as Lightning
+   does for any checkpoint of that moment; and a run in its last step, or at the end of its last
+   epoch, finishes normally.
 3. One log line names the checkpoint and the command that resumes it, and :class:`RunPreempted`
    is raised: a ``SystemExit`` with code :data:`PREEMPTED_EXIT_CODE` (143 = 128 + SIGTERM, what a
    process killed by SIGTERM reports), which ``tools/train.py`` exits with.
@@ -80,7 +82,7 @@ class StopOnSigterm(Callback):
     # -- the handler ------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module) -> None:
         # Here, after Lightning registered its own SIGTERM handler (Trainer._run), so that this
-        # one replaces it: Lightning's would raise at a point of its choosing, without a checkpoint.
+        # one replaces it: Lightning's ends the run at a point of its choosing, with exit code 0.
         if threading.current_thread() is not threading.main_thread():
             return  # signals reach the main thread only; nothing to install elsewhere
         self._trainer = trainer
