@@ -17,7 +17,7 @@ setup(
     packages=find_packages(include=['acmix_mm', 'acmix_mm.*']),
     include_package_data=True,
     # The C++ CPU attention kernel is compiled on first use (torch.utils.cpp_extension.load).
-    package_data={'acmix_mm.ops': ['csrc/*.cpp']},
+    package_data={'acmix_mm.ops': ['csrc/*.cpp', 'csrc/*.h']},
     # Only what the operator and the backbones need; detection, segmentation and Lightning
     # are extras so that either of mmdet / mmseg can be used alone.
     install_requires=['torch>=2.1', 'numpy', 'mmengine>=0.10.0,<0.11'],

@@ -4,7 +4,7 @@
     .venv/bin/python tools/benchmark.py CONFIG [--vs CONFIG] [--mode train|infer]
         [--part backbone|model] [--shape H W] [--batch N] [--iters N] [--warmup N]
         [--device cpu|cuda] [--data random|dataset] [--threads N] [--channels-last]
-        [--attn-impl auto|lean|unfold|...] [--cfg-options KEY=VALUE ...]
+        [--attn-impl auto|lean|unfold|...] [--conv-impl auto|conv|cpp] [--cfg-options KEY=VALUE ...]
 
 CONFIG is a path (``configs/acmix_resnet/...py``) or an installed package's config,
 ``mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py`` / ``mmseg::...``. The model is built as the
@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--attn-impl', choices=attn_impl_choices(), default=None,
                         help='set attn_impl of every ACMix layer (default: as the config builds '
                              'it)')
+    parser.add_argument('--conv-impl', choices=('auto', 'conv', 'cpp'), default=None,
+                        help="set conv_impl (the convolution branch's kernel) of every ACMix layer "
+                             "(default: as the config builds it, normally 'auto')")
     parser.add_argument('--profile', type=non_negative_int, default=0, metavar='N',
                         help='after timing, profile one more iteration of each model with '
                              'torch.profiler and print its N most expensive ops (self time)')
@@ -158,6 +161,18 @@ def set_attn_impl(module: nn.Module, impl: str) -> int:
     return count
 
 
+def set_conv_impl(module: nn.Module, impl: str) -> int:
+    """Set ``conv_impl`` of every :class:`acmix_mm.ops.ACMix` inside ``module``; returns how many."""
+    from acmix_mm.ops import ACMix
+
+    count = 0
+    for m in module.modules():
+        if isinstance(m, ACMix):
+            m.conv_impl = impl
+            count += 1
+    return count
+
+
 def attn_impls_in(module: nn.Module) -> Dict[str, int]:
     """How many ACMix layers of ``module`` use each ``attn_impl``."""
     from acmix_mm.ops import ACMix
@@ -204,6 +219,10 @@ def build_subject(label: str, name: str, args: argparse.Namespace,
             notes.append('ACMix attn_impl ' + ', '.join(f'{k} x{v}' for k, v in impls.items()))
     if 'auto' in attn_impls_in(module):
         notes.append(f"auto = {resolved_auto(device)} here")
+    if args.conv_impl is not None:
+        count = set_conv_impl(module, args.conv_impl)
+        notes.append(f'conv_impl={args.conv_impl} on {count} ACMix layers' if count
+                     else 'no ACMix layers')
     module.to(device)
     preprocessor.to(device)
     if args.channels_last:

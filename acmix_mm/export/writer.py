@@ -17,25 +17,29 @@ __all__ = ['exportable_attention', 'export_onnx']
 
 @contextlib.contextmanager
 def exportable_attention(model: nn.Module) -> Iterator[int]:
-    """Switch every :class:`acmix_mm.ops.ACMix` in ``model`` to ``attn_impl='unfold'``.
+    """Switch every :class:`acmix_mm.ops.ACMix` in ``model`` to ``attn_impl='unfold'`` and
+    ``conv_impl='conv'``.
 
-    The fast paths ('cpp' custom op, 'triton', 'lean' autograd Function) do not export;
-    'unfold' computes the same attention with index_select, slicing, stack and softmax, which
-    export. Yields the number of ACMix modules switched; restores their settings on exit.
+    The fast paths ('cpp' custom ops, 'triton', 'lean' autograd Function) do not export;
+    'unfold' computes the same attention with index_select, slicing, stack and softmax, and
+    'conv' the convolution branch with one grouped conv, which export. Yields the number of
+    ACMix modules switched; restores their settings on exit.
     """
-    saved: List[Tuple[nn.Module, str]] = []
+    saved: List[Tuple[nn.Module, str, str]] = []
     for module in model.modules():
         if isinstance(module, ACMix):
             if not hasattr(module, 'attn_impl'):
                 raise ExportError(f'{type(module).__name__} has no attn_impl attribute: cannot '
                                   "select the exportable 'unfold' attention path")
-            saved.append((module, module.attn_impl))
+            saved.append((module, module.attn_impl, getattr(module, 'conv_impl', 'conv')))
             module.attn_impl = 'unfold'
+            module.conv_impl = 'conv'
     try:
         yield len(saved)
     finally:
-        for module, impl in saved:
-            module.attn_impl = impl
+        for module, attn_impl, conv_impl in saved:
+            module.attn_impl = attn_impl
+            module.conv_impl = conv_impl
 
 
 def export_onnx(module: nn.Module, inputs: torch.Tensor, path: str,

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpp_shift import CONV_IMPLS, shift_conv
 from .local_attention import ATTN_IMPLS, local_attention
 from .replaced_conv import take_replaced_conv
 
@@ -102,6 +103,10 @@ class ACMix(nn.Module):
             kernel is already loaded). Or force one: ``'cpp'``, ``'lean'`` (memory-lean
             offset loop in PyTorch ops, any device/dtype), ``'unfold'`` (straightforward
             reference; it keeps every window for backward) or ``'triton'``.
+        conv_impl: the convolution branch's kernel (see :mod:`acmix_mm.ops.cpp_shift`):
+            ``'auto'`` (default) picks ``'cpp'`` (the C++ kernel, built with the attention
+            kernel) on CPU in float32/float64 and ``'conv'`` (``F.conv2d``) elsewhere and
+            while exporting; or force ``'conv'`` or ``'cpp'``.
 
     Parameters (the authors' names; shapes for C_in = C_out = 64, head = 4: 17,822 in total):
 
@@ -163,7 +168,7 @@ class ACMix(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_att: int = 7, head: int = 4,
                  kernel_conv: int = 3, stride: int = 1, dilation: int = 1,
-                 attn_impl: str = 'auto') -> None:
+                 attn_impl: str = 'auto', conv_impl: str = 'auto') -> None:
         super().__init__()
         for name, value in (('in_channels', in_channels), ('out_channels', out_channels),
                             ('kernel_att', kernel_att), ('head', head),
@@ -180,6 +185,9 @@ class ACMix(nn.Module):
         if attn_impl not in ('auto',) + ATTN_IMPLS:
             raise ValueError(f"ACMix: attn_impl must be one of {('auto',) + ATTN_IMPLS}, "
                              f'got {attn_impl!r}')
+        if conv_impl not in ('auto',) + CONV_IMPLS:
+            raise ValueError(f"ACMix: conv_impl must be one of {('auto',) + CONV_IMPLS}, "
+                             f'got {conv_impl!r}')
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_att = kernel_att
@@ -189,6 +197,7 @@ class ACMix(nn.Module):
         self.stride = stride
         self.dilation = dilation
         self.attn_impl = attn_impl  # 'auto' is resolved per call (device, dtype, tracing)
+        self.conv_impl = conv_impl
         self.padding_att = dilation * (kernel_att - 1) // 2
 
         self.rate1 = nn.Parameter(torch.empty(1))
@@ -224,7 +233,8 @@ class ACMix(nn.Module):
     def extra_repr(self) -> str:
         return (f'{self.in_channels}, {self.out_channels}, kernel_att={self.kernel_att}, '
                 f'head={self.head}, kernel_conv={self.kernel_conv}, stride={self.stride}, '
-                f'dilation={self.dilation}, attn_impl={self.attn_impl!r}')
+                f'dilation={self.dilation}, attn_impl={self.attn_impl!r}, '
+                f'conv_impl={self.conv_impl!r}')
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
@@ -273,13 +283,9 @@ class ACMix(nn.Module):
         """
         k2 = self.kernel_conv * self.kernel_conv
         fc_weight = self.fc.weight.view(k2, 3 * self.head)
-        # A channels-last weight makes oneDNN run this grouped conv (12 inputs, head outputs
-        # per group) in NHWC, copying its input: faster forward+backward on CPU than its NCHW
-        # kernel, copies included (figures: docs/benchmarks.md).
-        weight = torch.einsum('otyx,tj->ojyx', self.dep_conv.weight, fc_weight).contiguous(
-            memory_format=torch.channels_last)
-        return F.conv2d(qkv, weight.to(qkv.dtype), None, self.dep_conv.stride,
-                        self.dep_conv.padding, self.dep_conv.dilation, self.head_dim)
+        weight = torch.einsum('otyx,tj->ojyx', self.dep_conv.weight, fc_weight)
+        return shift_conv(qkv, weight, self.head_dim, self.dep_conv.stride[0],
+                          self.dep_conv.dilation[0], impl=self.conv_impl)
 
     def _attention(self, qkv: torch.Tensor) -> torch.Tensor:
         """Local-attention branch. (B, C_out, H_out, W_out) in qkv's dtype."""

@@ -31,7 +31,7 @@ IntPair = Union[int, Tuple[int, int]]
 # What build_conv_layer's callers pass, and ACMix's own keys a config may add.
 CONV_KEYS = ('in_channels', 'out_channels', 'kernel_size', 'stride', 'padding', 'dilation',
              'groups', 'bias')
-ACMIX_KEYS = ('kernel_att', 'head', 'attn_impl')
+ACMIX_KEYS = ('kernel_att', 'head', 'attn_impl', 'conv_impl')
 
 
 def _square(name: str, value: object) -> int:
@@ -65,7 +65,8 @@ class ACMixConv2d(ACMix):
             output offset (exactly so in the attention branch: softmax weights sum to 1), so no
             separate output bias is added; with ``bias=False`` (a norm follows) the q/k/v biases
             stay, as in the authors' ResNet.
-        kernel_att, head, attn_impl: ACMix's own keys (see :class:`acmix_mm.ops.ACMix`).
+        kernel_att, head, attn_impl, conv_impl: ACMix's own keys (see
+            :class:`acmix_mm.ops.ACMix`).
 
     Attributes read by ``ConvModule`` and by code that handles convs: ``in_channels``,
     ``out_channels``, ``kernel_size``, ``stride``, ``padding``, ``dilation`` (pairs, as
@@ -82,7 +83,7 @@ class ACMixConv2d(ACMix):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair,
                  stride: IntPair = 1, padding: Optional[IntPair] = None, dilation: IntPair = 1,
                  groups: int = 1, bias: bool = True, *, kernel_att: int = 7, head: int = 4,
-                 attn_impl: str = 'auto') -> None:
+                 attn_impl: str = 'auto', conv_impl: str = 'auto') -> None:
         k = _square('kernel_size', kernel_size)
         if k < 1 or k % 2 == 0:
             raise ValueError(f'ACMix conv layer: kernel_size must be odd and positive (it is the '
@@ -99,7 +100,8 @@ class ACMixConv2d(ACMix):
         # (pairs, the size-keeping padding) is the conv's.
         super().__init__(in_channels, out_channels, kernel_att=kernel_att, head=head,
                          kernel_conv=k, stride=_square('stride', stride),
-                         dilation=_square('dilation', dilation), attn_impl=attn_impl)
+                         dilation=_square('dilation', dilation), attn_impl=attn_impl,
+                         conv_impl=conv_impl)
         geometry = self.dep_conv
         if padding is not None and _square('padding', padding) != geometry.padding[0]:
             raise ValueError(
@@ -122,7 +124,8 @@ class ACMixConv2d(ACMix):
     def extra_repr(self) -> str:
         return (f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, '
                 f'stride={self.stride}, padding={self.padding}, dilation={self.dilation}, '
-                f'kernel_att={self.kernel_att}, head={self.head}, attn_impl={self.attn_impl!r}')
+                f'kernel_att={self.kernel_att}, head={self.head}, attn_impl={self.attn_impl!r}, '
+                f'conv_impl={self.conv_impl!r}')
 
 
 def build_acmix_conv(in_channels: int, out_channels: int, kernel_size: IntPair,
@@ -139,7 +142,7 @@ def build_acmix_conv(in_channels: int, out_channels: int, kernel_size: IntPair,
 
     Args:
         acmix_kwargs: ACMix's own keys from the config (``kernel_att``, ``head``,
-            ``attn_impl``); an unknown key raises ``TypeError`` naming it and the allowed keys.
+            ``attn_impl``, ``conv_impl``); an unknown key raises ``TypeError`` naming it and the allowed keys.
     """
     unknown = sorted(set(acmix_kwargs) - set(ACMIX_KEYS))
     if unknown:

@@ -1,4 +1,8 @@
-"""Builds and loads the C++ CPU local-attention kernel (``csrc/local_attention.cpp``) on first use.
+"""Builds and loads acmix_mm's C++ CPU kernels (``csrc/``) on first use.
+
+One extension holds both kernels: the local attention (``csrc/local_attention.cpp``) and the
+convolution branch (``csrc/shift_conv.cpp``), bound in ``csrc/extension.cpp``; ninja compiles
+the three files in parallel.
 
 The extension is compiled just in time with :func:`torch.utils.cpp_extension.load` (g++ and
 ninja) the first time it is needed on a machine, into a cache directory, and loaded from there
@@ -10,7 +14,8 @@ within a process a lock serialises them, across processes torch's file baton in 
 directory does.
 
 Cache location: ``$ACMIX_MM_EXTENSIONS_DIR`` if set, else ``~/.cache/acmix_mm/torch_extensions``.
-Set ``ACMIX_MM_DISABLE_CPP=1`` to never build it (``attn_impl='auto'`` then uses ``'lean'``).
+Set ``ACMIX_MM_DISABLE_CPP=1`` to never build it (``attn_impl='auto'`` then uses ``'lean'``,
+``conv_impl='auto'`` ``'conv'``).
 """
 from __future__ import annotations
 
@@ -23,10 +28,14 @@ from typing import List, Optional
 
 import torch
 
-__all__ = ['SOURCE', 'extension_name', 'build_directory', 'load_extension', 'is_loaded',
+__all__ = ['SOURCES', 'extension_name', 'build_directory', 'load_extension', 'is_loaded',
            'extension_available', 'extension_error']
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'local_attention.cpp')
+_CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc')
+SOURCES: List[str] = [os.path.join(_CSRC, name) for name in
+                      ('extension.cpp', 'local_attention.cpp', 'shift_conv.cpp')]
+# Hashed with the sources: an edited header must rebuild too.
+_HEADERS: List[str] = [os.path.join(_CSRC, name) for name in ('local_attention.h', 'shift_conv.h')]
 # -O3 for the vectorised x loops; OpenMP so that at::parallel_for uses torch's thread pool
 # (libgomp is shared with torch by soname, so torch.set_num_threads applies).
 _CFLAGS: List[str] = ['-O3', '-march=native', '-fopenmp']
@@ -50,14 +59,15 @@ def _cpu_flags() -> str:
 
 
 def extension_name() -> str:
-    """``acmix_mm_local_attention_<torch version>_<12-hex hash of source, flags and CPU>``."""
+    """``acmix_mm_cpu_kernels_<torch version>_<12-hex hash of sources, flags and CPU>``."""
     digest = hashlib.sha256()
-    with open(SOURCE, 'rb') as f:
-        digest.update(f.read())
+    for path in SOURCES + _HEADERS:
+        with open(path, 'rb') as f:
+            digest.update(f.read())
     digest.update(' '.join(_CFLAGS + _LDFLAGS).encode())
     digest.update(_cpu_flags().encode())
     version = ''.join(c if c.isalnum() else '_' for c in torch.__version__)
-    return f'acmix_mm_local_attention_{version}_{digest.hexdigest()[:12]}'
+    return f'acmix_mm_cpu_kernels_{version}_{digest.hexdigest()[:12]}'
 
 
 def build_directory() -> str:
@@ -68,8 +78,8 @@ def build_directory() -> str:
 
 
 def load_extension() -> Optional[ModuleType]:
-    """The compiled module (functions ``forward`` and ``backward``), or None if it cannot be
-    built; the reason is then :func:`extension_error`. Builds at most once per process."""
+    """The compiled module (``forward``/``backward`` of the attention,
+    ``shift_conv_forward``/``shift_conv_backward``), or None if it cannot be built; the reason is then :func:`extension_error`. Builds at most once per process."""
     global _module, _error
     if _module is not None or _error is not None:
         return _module
@@ -83,7 +93,7 @@ def load_extension() -> Optional[ModuleType]:
             from torch.utils.cpp_extension import load
             directory = build_directory()
             os.makedirs(directory, exist_ok=True)
-            _module = load(name=extension_name(), sources=[SOURCE], extra_cflags=_CFLAGS,
+            _module = load(name=extension_name(), sources=SOURCES, extra_cflags=_CFLAGS,
                            extra_ldflags=_LDFLAGS, build_directory=directory, verbose=False)
         except Exception as exc:  # noqa: BLE001 - any build failure means "use the fallback"
             _error = f'{type(exc).__name__}: {_first_error_line(str(exc))}'

@@ -31,7 +31,8 @@ from .cpp_attention import CPP_DTYPES, cpp_local_attention
 from .lean_attention import lean_local_attention
 from .window import check_operands, padded_window
 
-__all__ = ['ATTN_IMPLS', 'local_attention', 'resolve_attn_impl', 'unfold_local_attention']
+__all__ = ['ATTN_IMPLS', 'local_attention', 'resolve_attn_impl', 'tracing_for_export',
+           'unfold_local_attention']
 
 ATTN_IMPLS = ('unfold', 'lean', 'cpp', 'triton')
 _fallback_warned = False
@@ -71,7 +72,7 @@ def _triton_module() -> ModuleType:
     return triton_local_attention
 
 
-def _tracing_for_export() -> bool:
+def tracing_for_export() -> bool:
     """True while a graph is recorded for export, where custom ops/Functions cannot go."""
     return bool(torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
                 or torch.jit.is_scripting() or torch.compiler.is_exporting())
@@ -98,7 +99,7 @@ def resolve_attn_impl(requested: str, tensor: torch.Tensor) -> str:
             raise ValueError(f"local attention impl must be one of {('auto',) + ATTN_IMPLS}, "
                              f'got {requested!r}')
         return requested
-    if _tracing_for_export():
+    if tracing_for_export():
         return 'unfold'
     if tensor.device.type == 'cpu' and tensor.dtype in CPP_DTYPES:
         if torch.compiler.is_compiling():

@@ -18,10 +18,11 @@ PACKAGE = 'acmix_mm.ops'
 # module -> the ops modules it imports ('__init__' is the package itself).
 EXPECTED: Dict[str, Set[str]] = {
     '__init__': {'acmix', 'conv_layer'},
-    'acmix': {'local_attention', 'replaced_conv'},
+    'acmix': {'cpp_shift', 'local_attention', 'replaced_conv'},
     'conv_layer': {'acmix'},
     'cpp_attention': {'cpp_extension', 'window'},
     'cpp_extension': set(),
+    'cpp_shift': {'cpp_extension', 'local_attention'},
     'lean_attention': {'window'},
     'local_attention': {'cpp_attention', 'cpp_extension', 'lean_attention',
                         'triton_local_attention', 'window'},

@@ -363,7 +363,7 @@ def test_auto_falls_back_to_lean_with_one_warning(tmp_path, env, reason):
 
 def test_extension_cache_name_tracks_torch_and_source():
     name = cpp_extension.extension_name()
-    assert name.startswith('acmix_mm_local_attention_' + torch.__version__.replace('.', '_')
+    assert name.startswith('acmix_mm_cpu_kernels_' + torch.__version__.replace('.', '_')
                            .replace('+', '_'))
     assert cpp_extension.build_directory().endswith(name)
     assert cpp_extension.is_loaded()  # loaded by the tests above, not rebuilt

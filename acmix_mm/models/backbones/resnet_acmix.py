@@ -94,7 +94,8 @@ class ACMixBottleneck(nn.Module):
         use_acmix: ACMix middle layer when True, a plain 3x3 conv (also named ``conv2``) when False.
         norm_cfg: see :func:`build_norm`.
         with_cp: recompute the block in backward (gradient checkpointing) to save memory.
-        kernel_att, head, kernel_conv, attn_impl: passed to :class:`acmix_mm.ops.ACMix`.
+        kernel_att, head, kernel_conv, attn_impl, conv_impl: passed to
+            :class:`acmix_mm.ops.ACMix`.
     """
 
     expansion = 4
@@ -102,7 +103,8 @@ class ACMixBottleneck(nn.Module):
     def __init__(self, in_channels: int, width: int, stride: int = 1, dilation: int = 1,
                  downsample: Optional[nn.Module] = None, use_acmix: bool = True,
                  norm_cfg: Optional[dict] = None, with_cp: bool = False, kernel_att: int = 7,
-                 head: int = 4, kernel_conv: int = 3, attn_impl: str = 'auto') -> None:
+                 head: int = 4, kernel_conv: int = 3, attn_impl: str = 'auto',
+                 conv_impl: str = 'auto') -> None:
         super().__init__()
         norm_cfg = dict(type='BN', requires_grad=True) if norm_cfg is None else norm_cfg
         out_channels = width * self.expansion
@@ -112,7 +114,7 @@ class ACMixBottleneck(nn.Module):
         if use_acmix:
             self.conv2 = ACMix(width, width, kernel_att=kernel_att, head=head,
                                kernel_conv=kernel_conv, stride=stride, dilation=dilation,
-                               attn_impl=attn_impl)
+                               attn_impl=attn_impl, conv_impl=conv_impl)
         else:
             self.conv2 = nn.Conv2d(width, width, kernel_size=3, stride=stride, padding=dilation,
                                    dilation=dilation, bias=False)
@@ -174,7 +176,8 @@ class ResNetACMix(ACMixBackbone):
             ``dict(type='Pretrained', checkpoint=PATH)`` (loaded safely, the classifier ``fc.*``
             dropped and reported), or any other mmengine init config.
         acmix_stages: per stage, ACMix middle layers (True) or plain 3x3 convs (False).
-        kernel_att, head, kernel_conv, attn_impl: passed to every :class:`acmix_mm.ops.ACMix`.
+        kernel_att, head, kernel_conv, attn_impl, conv_impl: passed to every
+            :class:`acmix_mm.ops.ACMix`.
     """
 
     def __init__(self,
@@ -198,7 +201,8 @@ class ResNetACMix(ACMixBackbone):
                  kernel_att: int = 7,
                  head: int = 4,
                  kernel_conv: int = 3,
-                 attn_impl: str = 'auto') -> None:
+                 attn_impl: str = 'auto',
+                 conv_impl: str = 'auto') -> None:
         if isinstance(depth, bool) or not isinstance(depth, int):
             raise TypeError(f'invalid depth {depth!r} ({type(depth).__name__}) for ResNetACMix: '
                             f'depth is an int; allowed: {sorted(STAGE_BLOCKS)}')
@@ -254,7 +258,8 @@ class ResNetACMix(ACMixBackbone):
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
         block_kwargs = dict(norm_cfg=self.norm_cfg, with_cp=with_cp, kernel_att=kernel_att,
-                            head=head, kernel_conv=kernel_conv, attn_impl=attn_impl)
+                            head=head, kernel_conv=kernel_conv, attn_impl=attn_impl,
+                            conv_impl=conv_impl)
         channels = self.stem_channels
         self.res_layers: list[str] = []
         for i, num_blocks in enumerate(self.stage_blocks):

@@ -20,7 +20,8 @@
 // projection), each row being contiguous. Work is split over (plane, output row) in the forward
 // and the q/q_pos backward, and over (plane, *source* row) for the k/v gradients, so that every
 // thread owns the rows it writes (no atomics, no per-thread copies of the gradient maps).
-#include <torch/extension.h>
+#include "local_attention.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -30,6 +31,7 @@
 #include <limits>
 #include <vector>
 
+namespace acmix_mm {
 namespace {
 
 constexpr int64_t kBlock = 16;  // x lanes per register block (one AVX-512 / two AVX2 vectors)
@@ -574,6 +576,8 @@ void backward_kv_impl(const Geometry& g, const at::Tensor& weights, const at::Te
   });
 }
 
+}  // namespace
+
 std::vector<at::Tensor> local_attention_forward(at::Tensor q, at::Tensor k, at::Tensor v,
                                                 at::Tensor q_pos, at::Tensor coord_x,
                                                 at::Tensor coord_y, int64_t kernel,
@@ -654,11 +658,4 @@ std::vector<at::Tensor> local_attention_backward(
   return {grad_q, grad_k, grad_v, grad_pos};
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &local_attention_forward,
-        "local attention forward: (out (..., Dv, Ho, Wo), attn (..., K2, Ho, Wo))");
-  m.def("backward", &local_attention_backward,
-        "local attention backward: (grad_q, grad_k, grad_v, grad_q_pos); empty if not needed");
-}
+}  // namespace acmix_mm
