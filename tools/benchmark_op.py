@@ -7,12 +7,15 @@ For each shape (B, C, H, W) and device, runs forward+backward of
 - ``lean``: ``ACMix(C, C, attn_impl='lean')`` (the memory-lean PyTorch-ops kernel),
 - ``cpp``: ``ACMix(C, C, attn_impl='cpp')`` (the C++ CPU kernel, what ``'auto'`` picks on CPU;
   built on first use, which is not timed),
+- ``cpp-attn``: as ``cpp`` but with ``conv_impl='conv'``: the convolution branch by oneDNN's
+  grouped conv instead of its C++ kernel (every other ACMix row uses ``conv_impl='auto'``,
+  i.e. the C++ branch kernel on CPU),
 - ``conv3x3``: ``nn.Conv2d(C, C, 3, padding=1)`` (what ACMix replaces),
 - optionally ``lean+compile`` / ``cpp+compile``: ``torch.compile`` of the lean / cpp module
   (compile time excluded),
 
 and prints the median time and the peak memory (see :mod:`acmix_mm.utils.memory`) as markdown
-tables, with the ratios of each ACMix kernel to unfold and to conv3x3 (where both ran).
+tables (the impls' timed iterations alternate, so that their ratios survive a changing load), with the ratios of each ACMix kernel to unfold and to conv3x3 (where both ran).
 
 Example::
 
@@ -34,7 +37,7 @@ from acmix_mm.ops import ACMix
 from acmix_mm.utils import PeakMemory
 from acmix_mm.utils.cli import non_negative_int, positive_int
 
-IMPLS = ('unfold', 'lean', 'cpp', 'conv3x3', 'lean+compile', 'cpp+compile')
+IMPLS = ('unfold', 'lean', 'cpp', 'cpp-attn', 'conv3x3', 'lean+compile', 'cpp+compile')
 DEFAULT_SHAPES = ('2,64,56,56', '1,64,200,336')
 Shape = Tuple[int, int, int, int]
 
@@ -79,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
 def build_module(impl: str, channels: int, stride: int) -> nn.Module:
     if impl == 'conv3x3':
         return nn.Conv2d(channels, channels, 3, stride=stride, padding=1)
+    if impl == 'cpp-attn':
+        return ACMix(channels, channels, stride=stride, attn_impl='cpp', conv_impl='conv')
     module = ACMix(channels, channels, stride=stride, attn_impl=impl.split('+')[0])
     return torch.compile(module) if impl.endswith('+compile') else module
 
@@ -88,37 +93,59 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_case(impl: str, shape: Shape, device: torch.device, stride: int, iters: int,
-             warmup: int, memory: str = 'allocator') -> Tuple[float, int]:
-    """Median forward+backward seconds and peak bytes (above inputs and parameters)."""
-    torch.manual_seed(0)
-    module = build_module(impl, shape[1], stride).to(device)
-    x = torch.randn(*shape, device=device, requires_grad=True)
-    params = list(module.parameters())
+class Case:
+    """One impl at one shape: its module, input, and a forward+backward step."""
 
-    def step() -> None:
-        x.grad = None
-        for p in params:
+    def __init__(self, impl: str, shape: Shape, device: torch.device, stride: int) -> None:
+        torch.manual_seed(0)
+        self.impl, self.device = impl, device
+        self.module = build_module(impl, shape[1], stride).to(device)
+        self.x = torch.randn(*shape, device=device, requires_grad=True)
+        self.params = list(self.module.parameters())
+
+    def step(self) -> None:
+        self.x.grad = None
+        for p in self.params:
             p.grad = None
-        module(x).sum().backward()
+        self.module(self.x).sum().backward()
 
-    for _ in range(warmup + (1 if impl.endswith('+compile') else 0)):  # compile happens here
-        step()
-    x.grad = None
-    for p in params:
-        p.grad = None
-    # Measured on its own iteration: the CPU allocator method runs under the profiler.
-    with PeakMemory(device, memory if device.type == 'cpu' else 'allocator') as mem:
-        step()
-    times = []
-    for _ in range(iters):
-        _sync(device)
+    def timed_step(self) -> float:
+        _sync(self.device)
         start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    assert mem.peak_bytes is not None
-    return statistics.median(times), mem.peak_bytes
+        self.step()
+        _sync(self.device)
+        return time.perf_counter() - start
+
+    def peak_bytes(self, memory: str) -> int:
+        """Peak bytes of one step above inputs and parameters, on its own iteration (the CPU
+        allocator method runs under the profiler)."""
+        self.x.grad = None
+        for p in self.params:
+            p.grad = None
+        with PeakMemory(self.device, memory if self.device.type == 'cpu' else 'allocator') as mem:
+            self.step()
+        assert mem.peak_bytes is not None
+        return mem.peak_bytes
+
+
+def run_cases(impls: Sequence[str], shape: Shape, device: torch.device, stride: int, iters: int,
+              warmup: int, memory: str = 'allocator') -> Dict[str, Tuple[float, int]]:
+    """Median forward+backward seconds and peak bytes of each impl.
+
+    The impls' timed iterations alternate (A, B, C, A, B, C, ...), so that a change of load on
+    a shared machine hits all of them and their ratios stay comparable.
+    """
+    cases = [Case(impl, shape, device, stride) for impl in impls]
+    peaks = {}
+    for case in cases:
+        for _ in range(warmup + (1 if case.impl.endswith('+compile') else 0)):  # compiles here
+            case.step()
+        peaks[case.impl] = case.peak_bytes(memory)
+    times: Dict[str, List[float]] = {case.impl: [] for case in cases}
+    for _ in range(iters):
+        for case in cases:
+            times[case.impl].append(case.timed_step())
+    return {impl: (statistics.median(times[impl]), peaks[impl]) for impl in impls}
 
 
 def _ratio(a: Optional[float], b: Optional[float]) -> str:
@@ -169,15 +196,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     results = {}
     for shape in args.shapes:
         for dev in devices:
+            # The C++ kernels are CPU-only.
+            runnable = [i for i in impls if dev == 'cpu' or not i.startswith('cpp')]
+            measured = run_cases(runnable, shape, torch.device(dev), args.stride, args.iters,
+                                 args.warmup, args.memory)
             for impl in impls:
-                if dev != 'cpu' and impl.startswith('cpp'):  # the C++ kernel is CPU-only
-                    results[(shape, dev, impl)] = None
-                    continue
-                results[(shape, dev, impl)] = run_case(impl, shape, torch.device(dev), args.stride,
-                                                       args.iters, args.warmup, args.memory)
-                seconds, peak = results[(shape, dev, impl)]
-                print(f'# {impl:>12} {dev} {shape}: {seconds * 1e3:.1f} ms, '
-                      f'{peak / 2**20:.1f} MB', file=sys.stderr, flush=True)
+                results[(shape, dev, impl)] = measured.get(impl)
+                if impl in measured:
+                    seconds, peak = measured[impl]
+                    print(f'# {impl:>12} {dev} {shape}: {seconds * 1e3:.1f} ms, '
+                          f'{peak / 2**20:.1f} MB', file=sys.stderr, flush=True)
     print(f'torch {torch.__version__}, {torch.get_num_threads()} CPU threads, stride '
           f'{args.stride}, median of {args.iters} after {args.warmup} warm-up, peak memory: '
           f'{args.memory}\n')

@@ -249,13 +249,14 @@ class ACMix(nn.Module):
                              f'{tuple(x.shape)}')
         qkv = F.conv2d(x, *self._qkv_projection())
         out_att = self._attention(qkv)
-        out_conv = self._convolution(qkv)
+        out_conv = self._convolution(qkv)  # already weighted by rate2
         # conv_p.bias cancels in the softmax (zero gradient, as in the authors' model); this
         # exact-zero term keeps it in the graph so that DDP does not flag it as unused. Added
         # to the scalar rate rather than to the map: no extra pass over the output.
         rate1 = self.rate1 + 0.0 * self.conv_p.bias.sum()
-        # Rates follow the branches' dtype so that autocast outputs stay in half precision.
-        return rate1.to(out_att.dtype) * out_att + self.rate2.to(out_conv.dtype) * out_conv
+        # One pass: out_conv + rate1 * out_att. The rate follows the branches' dtype so that
+        # autocast outputs stay in half precision.
+        return torch.addcmul(out_conv, rate1.to(out_att.dtype), out_att.to(out_conv.dtype))
 
     def _qkv_projection(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """conv1/conv2/conv3 as one 1x1 conv: weight (3*C_out, C_in, 1, 1) and bias (3*C_out,).
@@ -273,17 +274,19 @@ class ACMix(nn.Module):
         return weight, bias
 
     def _convolution(self, qkv: torch.Tensor) -> torch.Tensor:
-        """Shift branch on the (head_dim, 3*head)-ordered qkv: (B, C_out, H_out, W_out).
+        """``rate2`` times the shift branch on the (head_dim, 3*head)-ordered qkv:
+        (B, C_out, H_out, W_out).
 
         The authors apply ``fc`` (1x1 over the 3*head stack, to kernel_conv**2 maps per
         head_dim row) and then ``dep_conv`` (grouped by head_dim). Both are linear, so they
         are applied as one grouped conv whose kernel is their product,
         ``W[o, j] = sum_t dep_conv[o, t] * fc[t, j]``: the same function with no
         (B, head_dim * kernel_conv**2, H, W) intermediate to store or keep for backward.
+        ``rate2`` scales that small kernel instead of the output map (one pass less each way).
         """
         k2 = self.kernel_conv * self.kernel_conv
         fc_weight = self.fc.weight.view(k2, 3 * self.head)
-        weight = torch.einsum('otyx,tj->ojyx', self.dep_conv.weight, fc_weight)
+        weight = torch.einsum('otyx,tj->ojyx', self.dep_conv.weight, fc_weight) * self.rate2
         return shift_conv(qkv, weight, self.head_dim, self.dep_conv.stride[0],
                           self.dep_conv.dilation[0], impl=self.conv_impl)
 

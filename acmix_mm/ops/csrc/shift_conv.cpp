@@ -29,6 +29,8 @@ namespace acmix_mm {
 namespace {
 
 constexpr int64_t kBlock = 16;  // x lanes per register block (one AVX-512 / two AVX2 vectors)
+// Weight-gradient rows summed in T before they go to the double total (accuracy vs. speed).
+constexpr int64_t kRowsPerFlush = 8;
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
@@ -193,7 +195,9 @@ void backward_plane(const ShiftGeometry& g, const T* x, const T* w, const T* gou
   if (need_w) {
     std::vector<T> rows(g.Ci * g.K * g.s * g.phase_len);
     std::vector<T> grow(g.Co * g.Wo_r, T(0));  // grad_out rows, zero past Wo
-    std::vector<T> dots(g.Co * taps);
+    // Per weight, kBlock lane sums over up to kRowsPerFlush rows, then added to the double
+    // total: one horizontal reduction per weight every few rows instead of every row.
+    std::vector<T> lanes(g.Co * taps * kBlock, T(0));
     const T* xg = x + bg * g.Ci * g.H * g.W;
     for (int64_t yo = 0; yo < g.Ho; ++yo) {
       split_window_rows(xg, g, yo, rows.data());
@@ -203,8 +207,10 @@ void backward_plane(const ShiftGeometry& g, const T* x, const T* w, const T* gou
         const T* src = rows.data() + offsets[t];
         in_chunks_of_4(g.Co, [&](auto chunk, int64_t o0) {
           constexpr int N = decltype(chunk)::value;
+          T acc[N][kBlock];
+          for (int n = 0; n < N; ++n)
+            std::memcpy(acc[n], lanes.data() + ((o0 + n) * taps + t) * kBlock, sizeof(acc[n]));
           // Zero-padded blocks: lanes past Wo multiply zeros of grow.
-          T acc[N][kBlock] = {};
           for (int64_t xb = 0; xb < g.Wo_r; xb += kBlock) {
             const T* __restrict a = src + xb;
             for (int n = 0; n < N; ++n) {
@@ -213,15 +219,19 @@ void backward_plane(const ShiftGeometry& g, const T* x, const T* w, const T* gou
               for (int64_t l = 0; l < kBlock; ++l) acc[n][l] += gr[l] * a[l];
             }
           }
-          for (int n = 0; n < N; ++n) {
-            T sum = 0;
-            for (int64_t l = 0; l < kBlock; ++l) sum += acc[n][l];
-            dots[(o0 + n) * taps + t] = sum;
-          }
+          for (int n = 0; n < N; ++n)
+            std::memcpy(lanes.data() + ((o0 + n) * taps + t) * kBlock, acc[n], sizeof(acc[n]));
         });
       }
-      // Row sums in T, the plane's total in double: float accuracy over a long sum.
-      for (size_t i = 0; i < dots.size(); ++i) gw[i] += dots[i];
+      if ((yo + 1) % kRowsPerFlush == 0 || yo + 1 == g.Ho) {
+        for (int64_t i = 0; i < g.Co * taps; ++i) {
+          T* lane = lanes.data() + i * kBlock;
+          T sum = 0;
+          for (int64_t l = 0; l < kBlock; ++l) sum += lane[l];
+          gw[i] += sum;
+          std::fill(lane, lane + kBlock, T(0));
+        }
+      }
     }
   }
   if (!need_x) return;
