@@ -1,6 +1,6 @@
 # CPU demo: Mask R-CNN on a slim ResNet-ACMix-26 (base width 16), trained from scratch on the
-# COCO-format synthetic shapes (128 px, 1-4 shapes each; tools/demo.py det writes them) in about
-# about 6.5 minutes of training on 2 CPU cores.
+# COCO-format synthetic shapes (128 px, 1-4 shapes each; tools/demo.py det writes them), in about
+# 6.5 minutes of training on 2 CPU cores.
 #
 # ACMix: Pan et al., "On the Integration of Self-Attention and Convolution", CVPR 2022.
 # Everything but the sizes is mmdet's Mask R-CNN R50-FPN 1x COCO setup, inherited from mmdet's
