@@ -65,7 +65,8 @@ class DemoTask:
 
 # Floors: about half of what the demo reaches on 2 CPU cores and far above an untrained model.
 # det (docs/benchmarks.md): untrained bbox/segm mAP 0.000/0.000; trained (AdamW lr 1e-3, half the
-# sampled RoIs positive, 14 epochs, 1400 steps of 4 images at 128 px) bbox mAP 0.419, segm 0.463.
+# sampled RoIs positive, 7x7 mask RoIs, 14 epochs, 1400 steps of 4 images at 128 px) bbox mAP
+# 0.413, segm 0.455.
 TASKS: Dict[str, DemoTask] = {
     'det': DemoTask(
         config='configs/demo/maskrcnn_acmix-r26-slim_shapes-coco.py', layout='coco',
