@@ -152,25 +152,21 @@ def set_attn_impl(module: nn.Module, impl: str) -> int:
     """
     from acmix_mm.ops import ACMix
 
-    resolved = ACMix(4, 4, head=1, attn_impl=impl).attn_impl
-    count = 0
-    for m in module.modules():
-        if isinstance(m, ACMix):
-            m.attn_impl = resolved
-            count += 1
-    return count
+    return _set_on_acmix(module, 'attn_impl', ACMix(4, 4, head=1, attn_impl=impl).attn_impl)
 
 
 def set_conv_impl(module: nn.Module, impl: str) -> int:
     """Set ``conv_impl`` of every :class:`acmix_mm.ops.ACMix` inside ``module``; returns how many."""
+    return _set_on_acmix(module, 'conv_impl', impl)
+
+
+def _set_on_acmix(module: nn.Module, attribute: str, value: str) -> int:
     from acmix_mm.ops import ACMix
 
-    count = 0
-    for m in module.modules():
-        if isinstance(m, ACMix):
-            m.conv_impl = impl
-            count += 1
-    return count
+    layers = [m for m in module.modules() if isinstance(m, ACMix)]
+    for m in layers:
+        setattr(m, attribute, value)
+    return len(layers)
 
 
 def attn_impls_in(module: nn.Module) -> Dict[str, int]:
