@@ -58,22 +58,13 @@ demo: $(STAMP)
 demo-seg: $(STAMP)
 	$(PY) tools/demo.py seg
 
-# The operator's table, then the backbone comparisons (docs/benchmarks.md):
-# ResNet-ACMix-50 vs ResNet-50, Swin-ACMix-T vs Swin-T and R50 with ACMix c3-c5 vs R50,
-# fwd+bwd at 800x1344, 2 threads.
-# Tens of minutes on a 2-core CPU.
+# The benchmark record: every ACMix-vs-baseline ratio of the README's table (the ACMix layer
+# against a 3x3 conv, ResNet-ACMix-50, R50 with ACMix in c3-c5 and Swin-ACMix-T against their
+# baselines; train and infer, 2 threads), each comparison in its own process (docs/benchmarks.md).
+# Tens of minutes on a 2-core CPU.  BENCH_ARGS="--device cuda" on a GPU machine.
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(PY) tools/benchmark_op.py
-	$(PY) tools/benchmark.py configs/acmix_resnet/mask-rcnn_acmix-r50_fpn_1x_coco.py \
-	    --vs mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py --part backbone --mode train \
-	    --shape 800 1344 --warmup 1 --iters 3 --threads 2 \
-	    --cfg-options model.backbone.frozen_stages=-1 model.backbone.norm_eval=False
-	$(PY) tools/benchmark.py configs/acmix_swin/mask-rcnn_acmix-swin-t-p4-w7_fpn_1x_coco.py \
-	    --vs mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py --part backbone --mode train \
-	    --shape 800 1344 --warmup 1 --iters 3 --threads 2
-	$(PY) tools/benchmark.py configs/acmix_layer/mask-rcnn_r50-acmix-c3-c5_fpn_1x_coco.py \
-	    --vs mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py --part backbone --mode train \
-	    --shape 800 1344 --warmup 1 --iters 5 --threads 2
+	$(PY) tools/benchmark_record.py $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -382,10 +382,11 @@ def format_report(subjects: Sequence[Subject], args: argparse.Namespace,
     return '\n'.join(lines)
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
-    """Run the benchmark; returns ``{label: {'time_ms', 'peak_mb'}}`` (also printed as a table)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def measure(parser: argparse.ArgumentParser, args: argparse.Namespace) -> List[Subject]:
+    """Build and time the config (and ``--vs``) that ``args`` names; prints their report.
+
+    Bad arguments end through ``parser.error`` before any model is built.
+    """
     if args.device == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda was requested but CUDA is not available '
                      f'(torch {torch.__version__}, cuda build: {torch.version.cuda})')
@@ -410,6 +411,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
     for s in subjects:
         if not (math.isfinite(s.time_ms) and s.time_ms > 0):
             raise RuntimeError(f'{s.name}: measured a non-positive time {s.time_ms}')
+    return subjects
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
+    """Run the benchmark; returns ``{label: {'time_ms', 'peak_mb'}}`` (also printed as a table)."""
+    parser = build_parser()
+    subjects = measure(parser, parser.parse_args(argv))
     return {s.label: dict(time_ms=s.time_ms, peak_mb=s.peak_mb) for s in subjects}
 
 

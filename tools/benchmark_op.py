@@ -1,10 +1,13 @@
 #!/usr/bin/env python
 """Benchmark the ACMix operator's attention kernels against a 3x3 conv: time and peak memory.
 
-For each shape (B, C, H, W) and device, runs forward+backward of
+For each shape (B, C, H, W) and device, runs forward+backward (``--mode train``, default) or a
+no-grad forward (``--mode infer``) of
 
 - ``unfold``: ``ACMix(C, C, attn_impl='unfold')`` (the straightforward kernel),
 - ``lean``: ``ACMix(C, C, attn_impl='lean')`` (the memory-lean PyTorch-ops kernel),
+- ``auto``: ``ACMix(C, C)`` as a config builds it (``'cpp'`` on CPU, ``'triton'`` or ``'lean'``
+  on CUDA),
 - ``cpp``: ``ACMix(C, C, attn_impl='cpp')`` (the C++ CPU kernel, what ``'auto'`` picks on CPU;
   built on first use, which is not timed),
 - ``cpp-attn``: as ``cpp`` but with ``conv_impl='conv'``: the convolution branch by oneDNN's
@@ -37,8 +40,9 @@ from acmix_mm.ops import ACMix
 from acmix_mm.utils import PeakMemory
 from acmix_mm.utils.cli import non_negative_int, positive_int
 
-IMPLS = ('unfold', 'lean', 'cpp', 'cpp-attn', 'conv3x3', 'lean+compile', 'cpp+compile')
+IMPLS = ('auto', 'unfold', 'lean', 'cpp', 'cpp-attn', 'conv3x3', 'lean+compile', 'cpp+compile')
 DEFAULT_SHAPES = ('2,64,56,56', '1,64,200,336')
+MODES = ('train', 'infer')
 Shape = Tuple[int, int, int, int]
 
 
@@ -65,8 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help='devices to run on (default: cpu)')
     parser.add_argument('--impls', nargs='+', default=['unfold', 'lean', 'cpp', 'conv3x3'],
                         choices=IMPLS, help='what to run (default: unfold lean cpp conv3x3)')
+    parser.add_argument('--mode', choices=MODES, default='train',
+                        help='train: forward + backward (default); infer: no-grad forward')
     parser.add_argument('--iters', type=positive_int, default=3,
-                        help='timed forward+backward iterations (median reported; default 3)')
+                        help='timed iterations (median reported; default 3)')
     parser.add_argument('--warmup', type=non_negative_int, default=1,
                         help='untimed iterations first (default 1)')
     parser.add_argument('--threads', type=positive_int, default=None,
@@ -94,16 +100,23 @@ def _sync(device: torch.device) -> None:
 
 
 class Case:
-    """One impl at one shape: its module, input, and a forward+backward step."""
+    """One impl at one shape: its module, input, and a step (``mode`` of :data:`MODES`)."""
 
-    def __init__(self, impl: str, shape: Shape, device: torch.device, stride: int) -> None:
+    def __init__(self, impl: str, shape: Shape, device: torch.device, stride: int,
+                 mode: str = 'train') -> None:
+        if mode not in MODES:
+            raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
         torch.manual_seed(0)
-        self.impl, self.device = impl, device
+        self.impl, self.device, self.mode = impl, device, mode
         self.module = build_module(impl, shape[1], stride).to(device)
-        self.x = torch.randn(*shape, device=device, requires_grad=True)
+        self.x = torch.randn(*shape, device=device, requires_grad=mode == 'train')
         self.params = list(self.module.parameters())
 
     def step(self) -> None:
+        if self.mode == 'infer':
+            with torch.no_grad():
+                self.module(self.x)
+            return
         self.x.grad = None
         for p in self.params:
             p.grad = None
@@ -129,13 +142,15 @@ class Case:
 
 
 def run_cases(impls: Sequence[str], shape: Shape, device: torch.device, stride: int, iters: int,
-              warmup: int, memory: str = 'allocator') -> Dict[str, Tuple[float, int]]:
-    """Median forward+backward seconds and peak bytes of each impl.
+              warmup: int, memory: str = 'allocator', mode: str = 'train'
+              ) -> Dict[str, Tuple[float, int]]:
+    """Median seconds of a step (``mode``: forward+backward or no-grad forward) and peak bytes of
+    each impl.
 
     The impls' timed iterations alternate (A, B, C, A, B, C, ...), so that a change of load on
     a shared machine hits all of them and their ratios stay comparable.
     """
-    cases = [Case(impl, shape, device, stride) for impl in impls]
+    cases = [Case(impl, shape, device, stride, mode) for impl in impls]
     peaks = {}
     for case in cases:
         for _ in range(warmup + (1 if case.impl.endswith('+compile') else 0)):  # compiles here
@@ -153,9 +168,10 @@ def _ratio(a: Optional[float], b: Optional[float]) -> str:
 
 
 def format_tables(results: Dict[Tuple[Shape, str, str], Optional[Tuple[float, int]]],
-                  shapes: Sequence[Shape], devices: Sequence[str], impls: Sequence[str]
-                  ) -> str:
-    lines = ['| shape (B,C,H,W) | device | impl | fwd+bwd median (ms) | peak memory (MB) |',
+                  shapes: Sequence[Shape], devices: Sequence[str], impls: Sequence[str],
+                  mode: str = 'train') -> str:
+    step = 'fwd+bwd' if mode == 'train' else 'no-grad fwd'
+    lines = [f'| shape (B,C,H,W) | device | impl | {step} median (ms) | peak memory (MB) |',
              '|---|---|---|---:|---:|']
     for shape in shapes:
         for dev in devices:
@@ -199,17 +215,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             # The C++ kernels are CPU-only.
             runnable = [i for i in impls if dev == 'cpu' or not i.startswith('cpp')]
             measured = run_cases(runnable, shape, torch.device(dev), args.stride, args.iters,
-                                 args.warmup, args.memory)
+                                 args.warmup, args.memory, args.mode)
             for impl in impls:
                 results[(shape, dev, impl)] = measured.get(impl)
                 if impl in measured:
                     seconds, peak = measured[impl]
                     print(f'# {impl:>12} {dev} {shape}: {seconds * 1e3:.1f} ms, '
                           f'{peak / 2**20:.1f} MB', file=sys.stderr, flush=True)
-    print(f'torch {torch.__version__}, {torch.get_num_threads()} CPU threads, stride '
-          f'{args.stride}, median of {args.iters} after {args.warmup} warm-up, peak memory: '
+    print(f'mode {args.mode}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, '
+          f'stride {args.stride}, median of {args.iters} after {args.warmup} warm-up, peak memory: '
           f'{args.memory}\n')
-    print(format_tables(results, args.shapes, devices, impls))
+    print(format_tables(results, args.shapes, devices, impls, args.mode))
     return 0
 
 

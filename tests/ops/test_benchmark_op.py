@@ -59,3 +59,18 @@ def test_cuda_without_cuda(tool, capsys):
     with pytest.raises(SystemExit):
         tool.main(['--device', 'cuda'])
     assert 'CUDA is not available' in capsys.readouterr().err
+
+
+def test_infer_mode_times_a_no_grad_forward(tool, capsys):
+    assert tool.main(['--shapes', '1,8,6,5', '--iters', '1', '--warmup', '0', '--mode', 'infer',
+                      '--impls', 'auto', 'conv3x3']) == 0
+    out = capsys.readouterr().out
+    assert out.startswith('mode infer,')
+    assert '| no-grad fwd median (ms) |' in out
+    rows = [line for line in out.splitlines() if line.startswith('| 1,8,6,5 | cpu |')]
+    assert [r.split('|')[3].strip() for r in rows[:2]] == ['auto', 'conv3x3']
+    case = tool.Case('auto', (1, 8, 6, 5), torch.device('cpu'), 1, 'infer')
+    case.step()
+    assert not case.x.requires_grad and all(p.grad is None for p in case.params)
+    with pytest.raises(ValueError, match="mode must be one of \\('train', 'infer'\\), got 'eval'"):
+        tool.Case('auto', (1, 8, 6, 5), torch.device('cpu'), 1, 'eval')
