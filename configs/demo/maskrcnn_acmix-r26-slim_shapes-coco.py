@@ -35,8 +35,8 @@ model = dict(
         norm_cfg=norm_cfg,
         norm_eval=False,
         style='pytorch',
-        # ACMix where maps are small (stages 3-4, 16x16 and 8x8 at 256 px): at 64x64 and 32x32 its
-        # 7x7 attention would triple the backbone's CPU time.
+        # ACMix where maps are small (stages 3-4: 8x8 and 4x4 at 128 px): in stages 1-2 (32x32,
+        # 16x16) its 7x7 attention would triple the backbone's CPU time.
         acmix_stages=(False, False, True, True),
         head=4),
     neck=dict(in_channels=[64, 128, 256, 512], out_channels=width, num_outs=5),
