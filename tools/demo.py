@@ -144,9 +144,11 @@ def ensure_data(task: DemoTask, root: str, num_train: int, num_val: int, seed: i
             raise FileExistsError(f'{root} holds a {layout!r} dataset; the {task.layout} demo '
                                   f'needs {expected!r} (pass --data-root elsewhere)')
         wanted = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in task.data_kwargs.items()}
+        wanted['version'] = synthetic.DATA_VERSION
         if all(written.get(k) == v for k, v in wanted.items()):
             return False
-        overwrite = True  # an earlier demo's data, drawn with other settings: draw it again
+        # Drawn with other settings, or by an older generator: draw it again.
+        overwrite = True
     elif Path(root).exists() and any(Path(root).iterdir()):
         raise FileExistsError(f'{root} is not empty and is not a synthetic demo dataset (no '
                               'dataset_info.json); remove it or pass --data-root elsewhere')
@@ -168,14 +170,20 @@ def read_metrics_csv(work_dir: str) -> List[Dict[str, float]]:
                 for row in csv.DictReader(f)]
 
 
-def plot_curves(rows: List[Dict[str, float]], metric_keys: Sequence[str], path: str) -> None:
-    """Training losses, learning rate and validation metrics, stacked on one training-step axis."""
+def plot_curves(rows: List[Dict[str, float]], metric_keys: Sequence[str], path: str,
+                untrained: Optional[Mapping[str, Any]] = None) -> None:
+    """Training losses, learning rate and validation metrics, stacked on one training-step axis.
+
+    ``untrained``: the metrics of the model before its first step, drawn at step 0.
+    """
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    def series(key: str):
+    def series(key: str, start: Optional[float] = None):
         pts = sorted((r['step'], r[key]) for r in rows if key in r and 'step' in r)
+        if start is not None:
+            pts.insert(0, (0.0, float(start)))
         return zip(*pts) if pts else ((), ())
 
     fig, (ax_loss, ax_lr, ax_metric) = plt.subplots(
@@ -191,9 +199,10 @@ def plot_curves(rows: List[Dict[str, float]], metric_keys: Sequence[str], path: 
     ax_lr.set(ylabel='learning rate')
     ax_lr.ticklabel_format(axis='y', style='sci', scilimits=(0, 0))
     for key in metric_keys:
-        xs, ys = series(key)
+        xs, ys = series(key, (untrained or {}).get(key))
         ax_metric.plot(xs, ys, marker='o', label=key)
-    ax_metric.set(xlabel='training step', ylabel='metric', title='validation')
+    ax_metric.set(xlabel='training step', ylabel='metric',
+                  title='validation' + (' (step 0: the untrained model)' if untrained else ''))
     ax_metric.legend(fontsize=7)
     for ax in (ax_loss, ax_lr, ax_metric):
         ax.grid(alpha=0.3)
@@ -343,7 +352,7 @@ def run_demo(task_name: str, work_dir: Optional[str] = None, data_root: Optional
     test_seconds = time.time() - start
 
     curves_png = os.path.join(work_dir, 'demo_curves.png')
-    plot_curves(read_metrics_csv(work_dir), task.report, curves_png)
+    plot_curves(read_metrics_csv(work_dir), task.report, curves_png, untrained)
     predictions_png = os.path.join(work_dir, 'demo_predictions.png')
     plot_predictions(task, root, show_dir, predictions_png, palette)
 

@@ -24,7 +24,8 @@ ADE20K layout (:func:`generate_ade_scenes`, semantic segmentation of :data:`ADE_
 
 Label PNGs are single-channel ``uint8``: 0 = "other" (ignored with ``reduce_zero_label=True``;
 here: hexagonal clutter), ``k`` = ``ADE_CLASSES[k - 1]``. A scene is a sky over ground along a
-wavy horizon, with clutter and discs, boxes and spikes in front.
+wavy horizon, with clutter (hexagons) and discs (circles), boxes (rectangles) and spikes (stars)
+in front.
 
 Determinism: image ``i`` of a split is drawn from ``SeedSequence([seed, split, i])`` alone, so the
 same arguments give byte-identical files, and image ``i`` does not change with ``num_train``.
@@ -45,8 +46,8 @@ from ..checkpoint.atomic import atomic_directory
 from . import drawing
 
 __all__ = [
-    'COCO_CLASSES', 'ADE_CLASSES', 'ADE_PALETTE', 'MIN_AREA', 'render_coco_image',
-    'render_ade_scene', 'generate_coco_shapes', 'generate_ade_scenes'
+    'COCO_CLASSES', 'ADE_CLASSES', 'ADE_PALETTE', 'MIN_AREA', 'DATA_VERSION',
+    'render_coco_image', 'render_ade_scene', 'generate_coco_shapes', 'generate_ade_scenes'
 ]
 
 #: Detection classes, category ids 1..4 in this order.
@@ -57,11 +58,17 @@ ADE_CLASSES = ('sky', 'disc', 'ground', 'box', 'spike')
 ADE_PALETTE = ((135, 206, 235), (220, 20, 60), (139, 115, 85), (65, 105, 225), (255, 215, 0))
 #: Smallest visible area (pixels) of an annotated shape.
 MIN_AREA = 40
+#: What the generators draw, recorded as ``version`` in ``dataset_info.json``. It goes up
+#: whenever the same arguments would draw other files, so that a demo finds stale data (v1: no
+#: version recorded, spikes were stars or triangles; v2: spikes are stars).
+DATA_VERSION = 2
 
 _SPLIT_CODES = {'train': 0, 'val': 1}
 _MAX_HIDDEN = 0.6  # a later shape may hide at most this fraction of an earlier one
 _COCO_SHAPES = ('circle', 'triangle', 'rectangle', 'star')
-_ADE_OBJECTS = {'disc': ('circle', ), 'box': ('rectangle', ), 'spike': ('star', 'triangle')}
+# One outline per object class: a class whose pixels could be a triangle or a star was the one
+# the segmentation demo confused most with boxes (docs/benchmarks.md).
+_ADE_OBJECTS = {'disc': ('circle', ), 'box': ('rectangle', ), 'spike': ('star', )}
 
 
 def _rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -284,7 +291,8 @@ def generate_coco_shapes(out_dir: str | os.PathLike, num_train: int = 200, num_v
                         dict(info=dict(description=f'acmix_mm synthetic shapes, {split}, seed {seed}'),
                              images=images, annotations=annotations, categories=categories))
         _write_json(tmp / 'dataset_info.json',
-                    dict(layout='coco', num_train=num_train, num_val=num_val, seed=seed,
+                    dict(layout='coco', version=DATA_VERSION, num_train=num_train,
+                         num_val=num_val, seed=seed,
                          size=[height, width], num_objects=list(num_objects),
                          radius_range=list(radius_range), classes=list(COCO_CLASSES)))
     return out_dir
@@ -316,7 +324,8 @@ def generate_ade_scenes(out_dir: str | os.PathLike, num_train: int = 200, num_va
                 if not cv2.imwrite(str(ann_dir / f'{stem}.png'), label):
                     raise OSError(f'could not write label {ann_dir / stem}.png')
         _write_json(tmp / 'dataset_info.json',
-                    dict(layout='ade20k', num_train=num_train, num_val=num_val, seed=seed,
+                    dict(layout='ade20k', version=DATA_VERSION, num_train=num_train,
+                         num_val=num_val, seed=seed,
                          size=[height, width], num_objects=list(num_objects),
                          radius_range=list(radius_range), classes=list(ADE_CLASSES),
                          palette=[list(c) for c in ADE_PALETTE]))

@@ -66,6 +66,44 @@ def test_demo_data_drawn_with_other_settings_is_drawn_again(tmp_path):
     assert demo.ensure_data(demo.TASKS['det'], str(tmp_path), 2, 1) is False
 
 
+def test_demo_data_of_an_older_generator_is_drawn_again(tmp_path):
+    demo = _demo_module()
+    from acmix_mm.datasets.synthetic import DATA_VERSION
+    task = demo.TASKS['seg']
+    assert demo.ensure_data(task, str(tmp_path), 2, 1) is True
+    info_path = tmp_path / 'dataset_info.json'
+    info = json.loads(info_path.read_text())
+    assert info['version'] == DATA_VERSION
+    assert demo.ensure_data(task, str(tmp_path), 2, 1) is False
+    # Data written before versions were recorded (v1: spikes were stars or triangles).
+    del info['version']
+    info_path.write_text(json.dumps(info))
+    assert demo.ensure_data(task, str(tmp_path), 2, 1) is True
+    assert json.loads(info_path.read_text())['version'] == DATA_VERSION
+
+
+def test_curves_start_at_the_untrained_metrics(tmp_path, monkeypatch):
+    demo = _demo_module()
+    import matplotlib.axes
+    drawn = {}
+    real_plot = matplotlib.axes.Axes.plot
+
+    def plot(self, xs, ys, *args, label=None, **kwargs):
+        drawn[label] = (list(xs), list(ys))
+        return real_plot(self, xs, ys, *args, label=label, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, 'plot', plot)
+    rows = [dict(step=10.0, **{'train/loss': 1.5, 'train/lr': 1e-3}),
+            dict(step=20.0, **{'train/loss': 1.0, 'train/lr': 5e-4}),
+            dict(step=20.0, mIoU=41.5)]
+    demo.plot_curves(rows, ['mIoU'], str(tmp_path / 'curves.png'), untrained={'mIoU': 3.25})
+    assert drawn['mIoU'] == ([0.0, 20.0], [3.25, 41.5])
+    assert drawn['loss'] == ([10.0, 20.0], [1.5, 1.0])
+    assert matplotlib.image.imread(str(tmp_path / 'curves.png')).shape[1] == 900
+    demo.plot_curves(rows, ['mIoU'], str(tmp_path / 'curves.png'))
+    assert drawn['mIoU'] == ([20.0], [41.5])
+
+
 def test_demo_refuses_a_foreign_data_folder(tmp_path):
     demo = _demo_module()
     (tmp_path / 'notes.txt').write_text('not a dataset')
