@@ -50,6 +50,8 @@ class DemoTask:
         gt_label_dir: for segmentation, the validation label folder (drawn beside predictions).
         data_kwargs: the generator's other arguments (image size, shapes per image, their sizes);
             a demo dataset on disk generated with other values is generated again.
+        show_score_thr: detection only: the predictions picture draws detections scoring at
+            least this (the metrics count every detection).
     """
     config: str
     layout: str
@@ -61,19 +63,22 @@ class DemoTask:
     val_image_glob: str
     gt_label_dir: Optional[str] = None
     data_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    show_score_thr: Optional[float] = None
 
 
-# Floors: about half of what the demo reaches on 2 CPU cores and far above an untrained model.
-# det (docs/benchmarks.md): untrained bbox/segm mAP 0.000/0.000; trained (AdamW lr 1e-3, half the
-# sampled RoIs positive, 7x7 mask RoIs, 14 epochs, 1400 steps of 4 images at 128 px) bbox mAP
-# 0.413, segm 0.455.
+# Floors: about half of what the demo reaches on 2 CPU cores and far above an untrained model
+# (docs/benchmarks.md). det: untrained bbox/segm mAP 0.000/0.000; trained (AdamW lr 1e-3, half the
+# sampled RoIs positive, 7x7 mask RoIs, EPOCHS epochs of 100 steps of 4 images at 128 px) bbox mAP
+# DETBBOX, segm DETSEGM. seg: untrained mIoU 8.5; trained (whole 128 px images, AdamW 4e-3, ACMix
+# in stages 3-4, 1400 steps of 8 images) 63.3.
 TASKS: Dict[str, DemoTask] = {
     'det': DemoTask(
         config='configs/demo/maskrcnn_acmix-r26-slim_shapes-coco.py', layout='coco',
         num_train=400, num_val=40, floor_metric='coco/bbox_mAP', floor=0.2,
         report=('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/segm_mAP', 'coco/segm_mAP_50'),
         val_image_glob='images/val/*.png',
-        data_kwargs=dict(size=(128, 128), num_objects=(1, 4), radius_range=(0.12, 0.35))),
+        data_kwargs=dict(size=(128, 128), num_objects=(1, 4), radius_range=(0.12, 0.35)),
+        show_score_thr=0.5),
     'seg': DemoTask(
         config='configs/demo/semfpn_acmix-r26-slim_shapes-ade.py', layout='ade',
         num_train=200, num_val=40, floor_metric='mIoU', floor=30.0,
@@ -225,8 +230,12 @@ def _colour_labels(label_path: str, palette: Sequence[Sequence[int]]):
 
 
 def plot_predictions(task: DemoTask, data_root: str, show_dir: str, path: str,
-                     palette: Optional[Sequence[Sequence[int]]] = None) -> int:
+                     palette: Optional[Sequence[Sequence[int]]] = None,
+                     classes: Optional[Sequence[str]] = None) -> int:
     """Rows of (input, [ground truth,] prediction) for the first validation images.
+
+    With ``classes`` and ``palette`` (RGB 0-255, one per class) a legend of the class colours
+    heads the figure; for segmentation it adds black, the ignored "other" label.
 
     Returns:
         The number of images drawn.
@@ -235,6 +244,7 @@ def plot_predictions(task: DemoTask, data_root: str, show_dir: str, path: str,
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     import mmcv
+    from matplotlib.patches import Patch
 
     images = sorted(glob.glob(os.path.join(data_root, task.val_image_glob)))[:NUM_SHOWN]
     if not images:
@@ -251,12 +261,24 @@ def plot_predictions(task: DemoTask, data_root: str, show_dir: str, path: str,
         drawn = os.path.join(show_dir, stem + '.png')
         if not os.path.isfile(drawn):
             raise FileNotFoundError(f'test drew no {drawn}')
-        panels.append(('prediction', mmcv.imread(drawn, channel_order='rgb')))
+        title = 'prediction'
+        if task.show_score_thr is not None:
+            title += f' (score >= {task.show_score_thr:g})'
+        panels.append((title, mmcv.imread(drawn, channel_order='rgb')))
         for ax, (title, img) in zip(row, panels):
             ax.imshow(img)
             ax.set_title(f'{stem}: {title}', fontsize=7)
             ax.axis('off')
-    fig.tight_layout()
+    legend_top = 1.0
+    if classes and palette:
+        handles = [Patch(facecolor=[c / 255 for c in colour], edgecolor='black', label=name)
+                   for name, colour in zip(classes, palette)]
+        if task.gt_label_dir:
+            handles.append(Patch(facecolor='black', label='other (ignored)'))
+        legend_top = 1 - 0.35 / fig.get_figheight()
+        fig.legend(handles=handles, loc='upper center', ncol=len(handles), fontsize=7,
+                   frameon=False, bbox_to_anchor=(0.5, 1.0))
+    fig.tight_layout(rect=(0, 0, 1, legend_top))
     with atomic_write(path) as tmp:
         fig.savefig(tmp, dpi=100, format='png')
     plt.close(fig)
@@ -341,20 +363,22 @@ def run_demo(task_name: str, work_dir: Optional[str] = None, data_root: Optional
         palette = palette or ADE_PALETTE
         # mmseg's SegLocalVisualizer falls back to Cityscapes' names and colours; give it the
         # demo's, the same ones the ground-truth panel uses. mmseg 1.2.2's __init__ hands them
-        # to set_dataset_meta(classes, palette) swapped, hence crosswise here.
+        # to set_dataset_meta(classes, palette) swapped, hence crosswise here. alpha=1: the
+        # prediction in plain class colours, comparable with the ground truth at a glance.
         cfg.visualizer = dict(cfg.visualizer, palette=tuple(cfg.metainfo['classes']),
-                              classes=[list(c) for c in palette])
+                              classes=[list(c) for c in palette], alpha=1.0)
     ckpt = os.path.join(work_dir, 'checkpoints', 'last.ckpt')
     show_dir = os.path.join(work_dir, 'show')
     start = time.time()
     metrics = test(cfg.copy(), ckpt, work_dir=work_dir, show_dir=show_dir,
-                   enable_progress_bar=False)
+                   show_score_thr=task.show_score_thr, enable_progress_bar=False)
     test_seconds = time.time() - start
 
     curves_png = os.path.join(work_dir, 'demo_curves.png')
     plot_curves(read_metrics_csv(work_dir), task.report, curves_png, untrained)
     predictions_png = os.path.join(work_dir, 'demo_predictions.png')
-    plot_predictions(task, root, show_dir, predictions_png, palette)
+    plot_predictions(task, root, show_dir, predictions_png, palette,
+                     cfg.get('metainfo', {}).get('classes'))
 
     floor = task.floor if floor is None else floor
     if task.floor_metric not in metrics:

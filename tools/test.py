@@ -17,6 +17,9 @@ def parse_args(argv=None):
     parser.add_argument('--out', help='predictions: COCO results JSON prefix (OUT.bbox.json, OUT.segm.json) '
                                       'for CocoMetric; a folder of label PNGs for IoUMetric')
     parser.add_argument('--show-dir', help='draw predictions on the images into this folder')
+    parser.add_argument('--show-score-thr', type=float, metavar='THR',
+                        help="with --show-dir: draw detections scoring >= THR (0..1; default: the "
+                             "visualizer's, 0.3 for mmdet's)")
     parser.add_argument('--work-dir', help='metrics JSON goes here (default: cfg.work_dir or work_dirs/<config>)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE',
                         help='override config entries')
@@ -30,7 +33,8 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = load_config(args.config, args.cfg_options)
     overrides = TrainerOverrides(accelerator=args.accelerator, devices=args.devices, strategy=args.strategy)
-    test(cfg, args.checkpoint, work_dir=args.work_dir, out=args.out, show_dir=args.show_dir, overrides=overrides)
+    test(cfg, args.checkpoint, work_dir=args.work_dir, out=args.out, show_dir=args.show_dir,
+         show_score_thr=args.show_score_thr, overrides=overrides)
 
 
 if __name__ == '__main__':

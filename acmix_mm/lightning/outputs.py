@@ -17,6 +17,7 @@ Drawing goes through the config's ``visualizer`` (mmdet's ``DetLocalVisualizer``
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -81,20 +82,36 @@ class VisualizationCallback(Callback):
         visualizer_cfg: ``cfg.visualizer`` (e.g. ``dict(type='DetLocalVisualizer')``).
         out_dir: the folder for ``<image stem>.png`` drawings.
         dataset_meta: classes and palette for the labels.
+        score_thr: draw only detections scoring at least this (0..1); None keeps the
+            visualizer's default (mmdet's ``DetLocalVisualizer``: 0.3). Detection visualizers only.
+
+    Raises:
+        ValueError: no visualizer, a ``score_thr`` outside [0, 1], or one for a visualizer that
+            draws no scored detections (mmseg's draws every pixel).
     """
 
-    def __init__(self, visualizer_cfg: Mapping[str, Any], out_dir: str, dataset_meta: Optional[dict] = None):
+    def __init__(self, visualizer_cfg: Mapping[str, Any], out_dir: str, dataset_meta: Optional[dict] = None,
+                 score_thr: Optional[float] = None):
         super().__init__()
         from mmengine.registry import VISUALIZERS
 
         if not visualizer_cfg:
             raise ValueError('--show-dir needs a visualizer in the config, e.g. '
                              "visualizer=dict(type='DetLocalVisualizer')")
+        check_score_thr(score_thr)
         cfg = dict(copy.deepcopy(dict(visualizer_cfg)))
         # Headless: drawings go to out_file, no vis backends, a name of our own (visualizers
         # are named singletons in mmengine).
         cfg.update(vis_backends=None, save_dir=None, name=f'acmix_mm_show_{id(self)}')
         self.visualizer = VISUALIZERS.build(ConfigDict(cfg))
+        self.draw_kwargs: Dict[str, Any] = {}
+        if score_thr is not None:
+            params = inspect.signature(self.visualizer.add_datasample).parameters
+            if 'pred_score_thr' not in params:
+                raise ValueError(f'show_score_thr={score_thr} applies to detection visualizers '
+                                 f'(DetLocalVisualizer); {type(self.visualizer).__name__} draws '
+                                 'no scored detections')
+            self.draw_kwargs['pred_score_thr'] = float(score_thr)
         if dataset_meta:
             self.visualizer.dataset_meta = dataset_meta
         self.out_dir = out_dir
@@ -115,7 +132,17 @@ class VisualizationCallback(Callback):
             image = mmcv.imread(path, channel_order='rgb')
             stem = os.path.splitext(os.path.basename(path))[0]
             self.visualizer.add_datasample(stem, image, data_sample=sample, draw_gt=False, show=False,
-                                           out_file=os.path.join(self.out_dir, f'{stem}.png'))
+                                           out_file=os.path.join(self.out_dir, f'{stem}.png'),
+                                           **self.draw_kwargs)
+
+
+def check_score_thr(score_thr: Optional[float]) -> None:
+    """Raise ValueError unless ``score_thr`` is None or a number in [0, 1]."""
+    if score_thr is None:
+        return
+    if (isinstance(score_thr, bool) or not isinstance(score_thr, (int, float))
+            or not 0.0 <= score_thr <= 1.0):
+        raise ValueError(f'show_score_thr must be a detection score in [0, 1], got {score_thr!r}')
 
 
 def format_metrics(metrics: Dict[str, Any]) -> str:

@@ -93,3 +93,31 @@ def test_resume_continues_from_last_checkpoint(trained, det_config_file, tmp_pat
     changed = [k for k in before['state_dict'] if k.endswith('weight') and
                not torch.equal(before['state_dict'][k], after['state_dict'][k])]
     assert changed
+
+
+def test_show_score_thr_filters_the_drawn_detections(overfit_trained, overfit_config_file,
+                                                      overfit_coco_root, tmp_path):
+    import mmcv
+    import numpy as np
+
+    from acmix_mm.lightning import load_config, test
+
+    _, ckpt = overfit_trained
+    drawn = {}
+    for thr in (0.0, 1.0):
+        show = tmp_path / f'show_{thr}'
+        test(load_config(str(overfit_config_file)), ckpt, work_dir=str(tmp_path / 'w'), show_dir=str(show),
+             show_score_thr=thr, accelerator='cpu', enable_progress_bar=False)
+        drawn[thr] = mmcv.imread(str(show / 'val_000.png'), channel_order='rgb').astype(int)
+    stored = next(p for p in overfit_coco_root.rglob('val_000.*') if p.suffix != '.json')
+    image = mmcv.imread(str(stored), channel_order='rgb').astype(int)
+    # At 1.0 no detection is drawn: the picture is the stored image; at 0.0 they all are.
+    assert drawn[1.0].shape == image.shape and np.abs(drawn[1.0] - image).max() <= 1
+    assert np.abs(drawn[0.0] - image).sum() > 1000
+    for bad in (1.5, -0.1, True):
+        with pytest.raises(ValueError, match=r'show_score_thr must be a detection score in \[0, 1\]'):
+            test(load_config(str(overfit_config_file)), ckpt, work_dir=str(tmp_path / 'bad'),
+                 show_dir=str(tmp_path / 'bad_show'), show_score_thr=bad)
+    with pytest.raises(ValueError, match='needs show_dir'):
+        test(load_config(str(overfit_config_file)), ckpt, work_dir=str(tmp_path / 'bad'), show_score_thr=0.5)
+    assert not (tmp_path / 'bad').exists() and not (tmp_path / 'bad_show').exists()
