@@ -102,6 +102,8 @@ def test_curves_start_at_the_untrained_metrics(tmp_path, monkeypatch):
     assert matplotlib.image.imread(str(tmp_path / 'curves.png')).shape[1] == 900
     demo.plot_curves(rows, ['mIoU'], str(tmp_path / 'curves.png'))
     assert drawn['mIoU'] == ([20.0], [41.5])
+    assert demo.running_mean([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
+    assert demo.running_mean([2.0, 4.0], 5) == [2.0, 3.0]
 
 
 def test_demo_refuses_a_foreign_data_folder(tmp_path):
