@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpp_shift import CONV_IMPLS, shift_conv
-from .local_attention import ATTN_IMPLS, local_attention
+from .cpp_fused import cpp_acmix_branches
+from .cpp_shift import CONV_IMPLS, resolve_conv_impl, shift_conv
+from .local_attention import ATTN_IMPLS, local_attention, resolve_attn_impl
 from .replaced_conv import take_replaced_conv
 
 __all__ = ['ACMix', 'ShiftConv2d']
@@ -247,6 +248,8 @@ class ACMix(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f'ACMix expects (B, {self.in_channels}, H, W), got '
                              f'{tuple(x.shape)}')
+        if self._fused_branches(x):
+            return self._forward_fused(x)
         qkv = F.conv2d(x, *self._qkv_projection())
         out_att = self._attention(qkv)
         out_conv = self._convolution(qkv)  # already weighted by rate2
@@ -273,6 +276,53 @@ class ACMix(nn.Module):
         bias = bias.view(stack, self.head_dim).t().reshape(-1)
         return weight, bias
 
+    def _fused_branches(self, x: torch.Tensor) -> bool:
+        """Whether both branches run as one C++ op (:mod:`acmix_mm.ops.cpp_fused`): when both
+        kernels resolve to ``'cpp'`` for x and autocast does not change the projection's dtype."""
+        if x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(
+                x.device.type):
+            return False
+        return (resolve_attn_impl(self.attn_impl, x) == 'cpp'
+                and resolve_conv_impl(self.conv_impl, x) == 'cpp')
+
+    def _fused_projection(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The q/k/v projection of :meth:`_qkv_projection` with 2*head more output rows, the
+        position weights: weight (3*C_out + 2*head, C_in), bias (3*C_out + 2*head,).
+
+        The attention's position term needs ``q_pos = -scale * W_p^T q`` per head (see
+        :meth:`_attention`); q is a 1x1 projection of the input, so q_pos is one too, with
+        weight ``-scale * W_p^T W_q`` (per head) and bias ``-scale * W_p^T b_q``: computed with
+        q/k/v by one matrix product instead of elementwise passes over q.
+        """
+        dim, head = self.head_dim, self.head
+        weight, bias = self._qkv_projection()
+        w_p = self.conv_p.weight.view(dim, 2) * -(dim ** -0.5)
+        w_q = self.conv1.weight.view(head, dim, self.in_channels)
+        w_pos = torch.einsum('hdi,dc->hci', w_q, w_p).reshape(2 * head, self.in_channels)
+        b_pos = (self.conv1.bias.view(head, dim) @ w_p).reshape(2 * head)
+        return (torch.cat([weight.view(-1, self.in_channels), w_pos]), torch.cat([bias, b_pos]))
+
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward through the fused C++ op; the projection runs as one batched matrix
+        product (BLAS), which on CPU is faster than oneDNN's NCHW 1x1 convolution."""
+        b, _, h, w = x.shape
+        weight, bias = self._fused_projection()
+        proj = torch.baddbmm(bias.view(1, -1, 1), weight.expand(b, -1, -1),
+                             x.reshape(b, self.in_channels, h * w)).view(b, -1, h, w)
+        rate1 = self.rate1 + 0.0 * self.conv_p.bias.sum()  # see forward
+        coord_x = torch.linspace(-1.0, 1.0, w, dtype=x.dtype, device=x.device)
+        coord_y = torch.linspace(-1.0, 1.0, h, dtype=x.dtype, device=x.device)
+        return cpp_acmix_branches(proj, self._conv_kernel(), rate1, coord_x, coord_y, self.head,
+                                  self.kernel_att, self.dep_conv.dilation[0],
+                                  self.dep_conv.stride[0], self.head_dim ** -0.5)
+
+    def _conv_kernel(self) -> torch.Tensor:
+        """``rate2`` times the product kernel of ``fc`` and ``dep_conv`` (see
+        :meth:`_convolution`): (C_out, 3*head, kernel_conv, kernel_conv)."""
+        k2 = self.kernel_conv * self.kernel_conv
+        fc_weight = self.fc.weight.view(k2, 3 * self.head)
+        return torch.einsum('otyx,tj->ojyx', self.dep_conv.weight, fc_weight) * self.rate2
+
     def _convolution(self, qkv: torch.Tensor) -> torch.Tensor:
         """``rate2`` times the shift branch on the (head_dim, 3*head)-ordered qkv:
         (B, C_out, H_out, W_out).
@@ -284,10 +334,7 @@ class ACMix(nn.Module):
         (B, head_dim * kernel_conv**2, H, W) intermediate to store or keep for backward.
         ``rate2`` scales that small kernel instead of the output map (one pass less each way).
         """
-        k2 = self.kernel_conv * self.kernel_conv
-        fc_weight = self.fc.weight.view(k2, 3 * self.head)
-        weight = torch.einsum('otyx,tj->ojyx', self.dep_conv.weight, fc_weight) * self.rate2
-        return shift_conv(qkv, weight, self.head_dim, self.dep_conv.stride[0],
+        return shift_conv(qkv, self._conv_kernel(), self.head_dim, self.dep_conv.stride[0],
                           self.dep_conv.dilation[0], impl=self.conv_impl)
 
     def _attention(self, qkv: torch.Tensor) -> torch.Tensor:

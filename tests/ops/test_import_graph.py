@@ -18,10 +18,11 @@ PACKAGE = 'acmix_mm.ops'
 # module -> the ops modules it imports ('__init__' is the package itself).
 EXPECTED: Dict[str, Set[str]] = {
     '__init__': {'acmix', 'conv_layer'},
-    'acmix': {'cpp_shift', 'local_attention', 'replaced_conv'},
+    'acmix': {'cpp_fused', 'cpp_shift', 'local_attention', 'replaced_conv'},
     'conv_layer': {'acmix'},
     'cpp_attention': {'cpp_extension', 'window'},
     'cpp_extension': set(),
+    'cpp_fused': {'cpp_extension'},
     'cpp_shift': {'cpp_extension', 'local_attention'},
     'lean_attention': {'window'},
     'local_attention': {'cpp_attention', 'cpp_extension', 'lean_attention',
@@ -31,7 +32,7 @@ EXPECTED: Dict[str, Set[str]] = {
     'triton_local_attention': {'triton_kernels', 'window'},
     'window': set(),
 }
-KERNELS = ('lean_attention', 'cpp_attention', 'triton_local_attention', 'triton_kernels')
+KERNELS = ('lean_attention', 'cpp_attention', 'cpp_fused', 'triton_local_attention', 'triton_kernels')
 
 
 def _modules() -> Set[str]:

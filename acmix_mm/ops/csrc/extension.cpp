@@ -11,8 +11,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "local attention forward: (out (..., Dv, Ho, Wo), attn (..., K2, Ho, Wo))");
   m.def("backward", &acmix_mm::local_attention_backward,
         "local attention backward: (grad_q, grad_k, grad_v, grad_q_pos); empty if not needed");
+  m.def("forward_add", &acmix_mm::local_attention_forward_add,
+        "local attention forward adding alpha * out into a given tensor: attn weights");
+  m.def("backward_add", &acmix_mm::local_attention_backward_add,
+        "backward of forward_add into given gradient views: sum(grad_out * out)");
   m.def("shift_conv_forward", &acmix_mm::shift_conv_forward,
         "ACMix conv branch forward: grouped K x K conv, zero padding dilation * (K / 2)");
   m.def("shift_conv_backward", &acmix_mm::shift_conv_backward,
         "ACMix conv branch backward: (grad_x, grad_weight); empty if not needed");
+  m.def("shift_conv_backward_into", &acmix_mm::shift_conv_backward_into,
+        "ACMix conv branch backward writing grad_x into a given tensor: grad_weight");
 }

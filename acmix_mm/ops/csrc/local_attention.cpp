@@ -296,7 +296,8 @@ void padded_coordinates(const Geometry& g, const at::Tensor& coord_x, const at::
 template <typename T, int S>
 void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k,
                   const at::Tensor& v, const at::Tensor& q_pos, const at::Tensor& coord_x,
-                  const at::Tensor& coord_y, T scale, at::Tensor& out, at::Tensor& attn) {
+                  const at::Tensor& coord_y, T scale, at::Tensor& out, at::Tensor& attn,
+                  bool accumulate, T alpha) {
   const auto q_off = plane_offsets(q, g.nlead), k_off = plane_offsets(k, g.nlead),
              v_off = plane_offsets(v, g.nlead), p_off = plane_offsets(q_pos, g.nlead);
   const T* qp = q.data_ptr<T>();
@@ -382,19 +383,48 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k,
                               obuf.data());
       T* out_row = op + n * g.Dv * HoWo + y * g.Wo;
       for (int64_t dv = 0; dv < g.Dv; ++dv) {
-        std::copy_n(obuf.data() + dv * Wo_r, g.Wo, out_row + dv * HoWo);
+        if (accumulate) {
+          const T* __restrict src = obuf.data() + dv * Wo_r;
+          T* __restrict dst = out_row + dv * HoWo;
+#pragma omp simd
+          for (int64_t x = 0; x < g.Wo; ++x) dst[x] += alpha * src[x];
+        } else {
+          std::copy_n(obuf.data() + dv * Wo_r, g.Wo, out_row + dv * HoWo);
+        }
       }
     }
   });
 }
 
+// Where a gradient goes: a (..., C, rows, cols) tensor of any strides (a view of a larger
+// gradient buffer in the fused ACMix op), written or accumulated into.
+struct GradTarget {
+  std::vector<int64_t> off;  // per plane
+  int64_t cs = 0, rs = 0, xs = 1;
+  bool accumulate = false;
+};
+
+GradTarget grad_target(const at::Tensor& t, int64_t nlead, bool accumulate) {
+  GradTarget gt;
+  if (!t.defined() || t.numel() == 0) return gt;
+  gt.off = plane_offsets(t, nlead);
+  gt.cs = t.stride(-3);
+  gt.rs = t.stride(-2);
+  gt.xs = t.stride(-1);
+  gt.accumulate = accumulate;
+  return gt;
+}
+
 // Phase 1 of the backward, per (plane, output row): the logits' gradient (softmax backward),
-// grad_q and grad_q_pos. grad_logits is written to `glog` (N, K2, Ho, Wo) for phase 2.
+// grad_q and grad_q_pos. grad_logits is written to `glog` (N, K2, Ho, Wo) for phase 2. The
+// output's gradient is taken as gscale * grad_out (the fused op's rate1); `rate_rows`, if
+// given, receives per (plane, row) sum_x grad_out . out, the gradient of that factor.
 template <typename T, int S>
 void backward_rows_impl(const Geometry& g, const at::Tensor& grad_out, const at::Tensor& k,
                         const at::Tensor& v, const at::Tensor& attn, const at::Tensor& coord_x,
-                        const at::Tensor& coord_y, T scale, bool need_q, bool need_pos,
-                        at::Tensor& glog, at::Tensor& grad_q, at::Tensor& grad_pos) {
+                        const at::Tensor& coord_y, T scale, T gscale, bool need_q, bool need_pos,
+                        at::Tensor& glog, at::Tensor& grad_q, const GradTarget& tq,
+                        at::Tensor& grad_pos, const GradTarget& tp, double* rate_rows) {
   const auto go_off = plane_offsets(grad_out, g.nlead), k_off = plane_offsets(k, g.nlead),
              v_off = plane_offsets(v, g.nlead);
   const T* gop = grad_out.data_ptr<T>();
@@ -415,7 +445,7 @@ void backward_rows_impl(const Geometry& g, const at::Tensor& grad_out, const at:
   at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t begin, int64_t end) {
     RowCache<T> kcache(g, g.D), vcache(g, g.Dv);
     std::vector<T> gobuf(g.Dv * Wo_r, T(0)), abuf(g.K2 * Wo_r, T(0)), gl(g.K2 * Wo_r),
-        gq(g.D * Wo_r), dot(Wo_r);
+        gq(g.D * Wo_r), dot(Wo_r), pbuf(2 * Wo_r);
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t n = idx / g.Ho, y = idx % g.Ho;
       for (int64_t dv = 0; dv < g.Dv; ++dv) {
@@ -443,20 +473,25 @@ void backward_rows_impl(const Geometry& g, const at::Tensor& grad_out, const at:
 #pragma omp simd
           for (int64_t x = 0; x < Wo_r; ++x) dt[x] += a[x] * gr[x];
         }
+        // sum_t a_t (grad_out . v_t) = grad_out . out: the gradient of the output's factor.
+        if (rate_rows != nullptr) {
+          double sum = 0;
+          for (int64_t x = 0; x < g.Wo; ++x) sum += dt[x];
+          rate_rows[idx] = sum;
+        }
         T* glrow = glp + n * g.K2 * HoWo + y * g.Wo;
         for (int64_t t = 0; t < g.K2; ++t) {
           const T* __restrict a = abuf.data() + t * Wo_r;
           T* __restrict gr = gl.data() + t * Wo_r;
 #pragma omp simd
-          for (int64_t x = 0; x < Wo_r; ++x) gr[x] = a[x] * (gr[x] - dt[x]);
+          for (int64_t x = 0; x < Wo_r; ++x) gr[x] = gscale * (a[x] * (gr[x] - dt[x]));
           std::copy_n(gr, g.Wo, glrow + t * HoWo);
         }
       }
       if (need_pos) {
-        T* __restrict px = gpp + n * 2 * HoWo + y * g.Wo;
-        T* __restrict pyr = px + HoWo;
-        std::fill_n(px, g.Wo, T(0));
-        std::fill_n(pyr, g.Wo, T(0));
+        T* __restrict px = pbuf.data();
+        T* __restrict pyr = px + Wo_r;
+        std::fill_n(px, 2 * Wo_r, T(0));
         for (int64_t ty = 0; ty < g.K; ++ty) {
           const T cy_t = cyp[y * s + ty * g.dil];
           for (int64_t tx = 0; tx < g.K; ++tx) {
@@ -469,16 +504,31 @@ void backward_rows_impl(const Geometry& g, const at::Tensor& grad_out, const at:
             }
           }
         }
+        T* dx = gpp + tp.off[n] + y * tp.rs;
+        T* dy = dx + tp.cs;
+        for (int64_t x = 0; x < g.Wo; ++x) {
+          if (tp.accumulate) {
+            dx[x * tp.xs] += px[x];
+            dy[x * tp.xs] += pyr[x];
+          } else {
+            dx[x * tp.xs] = px[x];
+            dy[x * tp.xs] = pyr[x];
+          }
+        }
       }
       if (need_q) {
         std::fill(gq.begin(), gq.end(), T(0));
         accumulate_window<T, S>(gl.data(), kcache, n, y, kp + k_off[n], k_cs, k_rs, g, g.D,
                                 gq.data());
-        T* gq_out = gqp + n * g.D * HoWo + y * g.Wo;
+        T* gq_out = gqp + tq.off[n] + y * tq.rs;
         for (int64_t d = 0; d < g.D; ++d) {
           const T* src = gq.data() + d * Wo_r;
-          T* dst = gq_out + d * HoWo;
-          for (int64_t x = 0; x < g.Wo; ++x) dst[x] = scale * src[x];
+          T* dst = gq_out + d * tq.cs;
+          if (tq.accumulate) {
+            for (int64_t x = 0; x < g.Wo; ++x) dst[x * tq.xs] += scale * src[x];
+          } else {
+            for (int64_t x = 0; x < g.Wo; ++x) dst[x * tq.xs] = scale * src[x];
+          }
         }
       }
     }
@@ -492,14 +542,14 @@ void backward_rows_impl(const Geometry& g, const at::Tensor& grad_out, const at:
 // (t, y, x) with x*s + tx*dil == xp.
 template <typename T, int S>
 void backward_kv_impl(const Geometry& g, const at::Tensor& weights, const at::Tensor& src,
-                      T factor, at::Tensor& grad) {
+                      T factor, at::Tensor& grad, const GradTarget& tg) {
   const auto s_off = plane_offsets(src, g.nlead);
   const T* wp = weights.data_ptr<T>();
   const T* sp = src.data_ptr<T>();
   T* gp = grad.data_ptr<T>();
   const int64_t C = src.size(-3);
   const int64_t s_cs = src.stride(-3), s_rs = src.stride(-2);
-  const int64_t HoWo = g.Ho * g.Wo, HW = g.H * g.W;
+  const int64_t HoWo = g.Ho * g.Wo;
   // Padded rows of each source row (CSR): row r is read as padded rows pr_list[pr_start[r]..].
   std::vector<int64_t> pr_start(g.H + 1, 0), pr_list(g.Hp);
   for (int64_t p = 0; p < g.Hp; ++p) ++pr_start[g.rows[p] + 1];
@@ -564,11 +614,15 @@ void backward_kv_impl(const Geometry& g, const at::Tensor& weights, const at::Te
         }
       }
       // Fold the padded columns back onto their source columns.
-      T* grow = gp + n * C * HW + r * g.W;
+      T* grow = gp + tg.off[n] + r * tg.rs;
       for (int64_t c = 0; c < C; ++c) {
-        T* dst = grow + c * HW;
+        T* dst = grow + c * tg.cs;
         const T* a = acc_buf.data() + c * AW;
-        for (int64_t x = 0; x < g.W; ++x) dst[x] = factor * a[g.pad + x];  // interior
+        if (tg.accumulate) {
+          for (int64_t x = 0; x < g.W; ++x) dst[x] += factor * a[g.pad + x];
+        } else {
+          for (int64_t x = 0; x < g.W; ++x) dst[x] = factor * a[g.pad + x];  // interior
+        }
         for (int64_t xp = 0; xp < g.pad; ++xp) dst[g.cols[xp]] += factor * a[xp];
         for (int64_t xp = g.pad + g.W; xp < g.Wp; ++xp) dst[g.cols[xp]] += factor * a[xp];
       }
@@ -578,38 +632,42 @@ void backward_kv_impl(const Geometry& g, const at::Tensor& weights, const at::Te
 
 }  // namespace
 
-std::vector<at::Tensor> local_attention_forward(at::Tensor q, at::Tensor k, at::Tensor v,
-                                                at::Tensor q_pos, at::Tensor coord_x,
-                                                at::Tensor coord_y, int64_t kernel,
-                                                int64_t dilation, int64_t stride, double scale) {
-  check_operands(q, k, v, q_pos, coord_x, coord_y, kernel, dilation, stride);
+namespace {
+
+at::Tensor forward_common(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor q_pos,
+                          const at::Tensor& coord_x, const at::Tensor& coord_y, int64_t kernel,
+                          int64_t dilation, int64_t stride, double scale, at::Tensor& out,
+                          bool accumulate, double alpha) {
   q = unit_last_stride(q);
   k = unit_last_stride(k);
   v = unit_last_stride(v);
   q_pos = unit_last_stride(q_pos);
   const Geometry g = make_geometry(q, k, v, kernel, dilation, stride);
   auto lead = q.sizes().slice(0, g.nlead).vec();
-  auto out_shape = lead, attn_shape = lead;
-  out_shape.insert(out_shape.end(), {g.Dv, g.Ho, g.Wo});
+  auto attn_shape = lead;
   attn_shape.insert(attn_shape.end(), {g.K2, g.Ho, g.Wo});
-  auto out = at::empty(out_shape, q.options());
   auto attn = at::empty(attn_shape, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "acmix_local_attention_forward", [&] {
     if (stride == 1) {
-      forward_impl<scalar_t, 1>(g, q, k, v, q_pos, coord_x, coord_y, scalar_t(scale), out, attn);
+      forward_impl<scalar_t, 1>(g, q, k, v, q_pos, coord_x, coord_y, scalar_t(scale), out, attn,
+                                accumulate, scalar_t(alpha));
     } else {
-      forward_impl<scalar_t, 0>(g, q, k, v, q_pos, coord_x, coord_y, scalar_t(scale), out, attn);
+      forward_impl<scalar_t, 0>(g, q, k, v, q_pos, coord_x, coord_y, scalar_t(scale), out, attn,
+                                accumulate, scalar_t(alpha));
     }
   });
-  return {out, attn};
+  return attn;
 }
 
-// Returns (grad_q, grad_k, grad_v, grad_q_pos); a gradient not asked for is an empty tensor.
-std::vector<at::Tensor> local_attention_backward(
-    at::Tensor grad_out, at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor q_pos,
-    at::Tensor coord_x, at::Tensor coord_y, at::Tensor attn, int64_t kernel, int64_t dilation,
-    int64_t stride, double scale, bool need_q, bool need_k, bool need_v, bool need_pos) {
-  check_operands(q, k, v, q_pos, coord_x, coord_y, kernel, dilation, stride);
+// The backward into given gradient tensors (undefined = not needed); q/k/v gradients are
+// accumulated when `accumulate`, q_pos's is written. Returns sum grad_out . out (double) when
+// `want_rate`, else 0.
+double backward_common(at::Tensor grad_out, at::Tensor q, at::Tensor k, at::Tensor v,
+                       const at::Tensor& q_pos, const at::Tensor& coord_x,
+                       const at::Tensor& coord_y, at::Tensor attn, int64_t kernel,
+                       int64_t dilation, int64_t stride, double scale, double gscale,
+                       at::Tensor grad_q, at::Tensor grad_k, at::Tensor grad_v,
+                       at::Tensor grad_pos, bool accumulate, bool want_rate) {
   q = unit_last_stride(q);
   k = unit_last_stride(k);
   v = unit_last_stride(v);
@@ -621,41 +679,115 @@ std::vector<at::Tensor> local_attention_backward(
                   grad_out.size(-1) == g.Wo,
               "grad_out has shape ", grad_out.sizes(), ", expected the output's");
   TORCH_CHECK(attn.numel() == g.N * g.K2 * g.Ho * g.Wo, "attn has shape ", attn.sizes());
+  const bool need_q = grad_q.defined(), need_k = grad_k.defined(), need_v = grad_v.defined(),
+             need_pos = grad_pos.defined();
+  for (const auto* t : {&grad_k, &grad_v}) {
+    TORCH_CHECK(!t->defined() || t->stride(-1) == 1, "k/v gradients need unit column stride");
+  }
+  const GradTarget tq = grad_target(grad_q, g.nlead, accumulate),
+                   tk = grad_target(grad_k, g.nlead, accumulate),
+                   tv = grad_target(grad_v, g.nlead, accumulate),
+                   tp = grad_target(grad_pos, g.nlead, false);
+  std::vector<double> rate_rows(want_rate ? g.N * g.Ho : 0, 0.0);
+  if (!(need_q || need_k || need_v || need_pos || want_rate)) return 0.0;
+  auto glog = at::empty(attn.sizes(), attn.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "acmix_local_attention_backward", [&] {
+    const scalar_t sc = scalar_t(scale), gs = scalar_t(gscale);
+    const bool unit = stride == 1;
+    double* rr = want_rate ? rate_rows.data() : nullptr;
+    if (need_q || need_k || need_pos || want_rate) {
+      if (unit) {
+        backward_rows_impl<scalar_t, 1>(g, grad_out, k, v, attn, coord_x, coord_y, sc, gs,
+                                        need_q, need_pos, glog, grad_q, tq, grad_pos, tp, rr);
+      } else {
+        backward_rows_impl<scalar_t, 0>(g, grad_out, k, v, attn, coord_x, coord_y, sc, gs,
+                                        need_q, need_pos, glog, grad_q, tq, grad_pos, tp, rr);
+      }
+    }
+    if (need_k) {
+      if (unit) {
+        backward_kv_impl<scalar_t, 1>(g, glog, q, sc, grad_k, tk);
+      } else {
+        backward_kv_impl<scalar_t, 0>(g, glog, q, sc, grad_k, tk);
+      }
+    }
+    if (need_v) {
+      if (unit) {
+        backward_kv_impl<scalar_t, 1>(g, attn, grad_out, gs, grad_v, tv);
+      } else {
+        backward_kv_impl<scalar_t, 0>(g, attn, grad_out, gs, grad_v, tv);
+      }
+    }
+  });
+  double rate = 0.0;  // summed in a fixed order: deterministic
+  for (double r : rate_rows) rate += r;
+  return rate;
+}
+
+}  // namespace
+
+std::vector<at::Tensor> local_attention_forward(at::Tensor q, at::Tensor k, at::Tensor v,
+                                                at::Tensor q_pos, at::Tensor coord_x,
+                                                at::Tensor coord_y, int64_t kernel,
+                                                int64_t dilation, int64_t stride, double scale) {
+  check_operands(q, k, v, q_pos, coord_x, coord_y, kernel, dilation, stride);
+  auto out_shape = q.sizes().vec();
+  out_shape[out_shape.size() - 3] = v.size(-3);
+  auto out = at::empty(out_shape, q.options());
+  auto attn = forward_common(q, k, v, q_pos, coord_x, coord_y, kernel, dilation, stride, scale,
+                             out, false, 1.0);
+  return {out, attn};
+}
+
+at::Tensor local_attention_forward_add(at::Tensor q, at::Tensor k, at::Tensor v,
+                                       at::Tensor q_pos, at::Tensor coord_x, at::Tensor coord_y,
+                                       int64_t kernel, int64_t dilation, int64_t stride,
+                                       double scale, at::Tensor out, double alpha) {
+  check_operands(q, k, v, q_pos, coord_x, coord_y, kernel, dilation, stride);
+  auto expected = q.sizes().vec();
+  expected[expected.size() - 3] = v.size(-3);
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == at::IntArrayRef(expected) &&
+                  out.scalar_type() == q.scalar_type(),
+              "out must be a contiguous ", q.scalar_type(), " tensor of shape ",
+              at::IntArrayRef(expected), ", got ", out.sizes());
+  return forward_common(q, k, v, q_pos, coord_x, coord_y, kernel, dilation, stride, scale, out,
+                        true, alpha);
+}
+
+// Returns (grad_q, grad_k, grad_v, grad_q_pos); a gradient not asked for is an empty tensor.
+std::vector<at::Tensor> local_attention_backward(
+    at::Tensor grad_out, at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor q_pos,
+    at::Tensor coord_x, at::Tensor coord_y, at::Tensor attn, int64_t kernel, int64_t dilation,
+    int64_t stride, double scale, bool need_q, bool need_k, bool need_v, bool need_pos) {
+  check_operands(q, k, v, q_pos, coord_x, coord_y, kernel, dilation, stride);
   // Distinct (0,) tensors for the gradients not asked for: custom ops' outputs must not alias.
   auto grad_q = at::empty(need_q ? q.sizes() : at::IntArrayRef{0}, q.options());
   auto grad_k = at::empty(need_k ? k.sizes() : at::IntArrayRef{0}, k.options());
   auto grad_v = at::empty(need_v ? v.sizes() : at::IntArrayRef{0}, v.options());
   auto grad_pos = at::empty(need_pos ? q_pos.sizes() : at::IntArrayRef{0}, q_pos.options());
-  if (!(need_q || need_k || need_v || need_pos)) return {grad_q, grad_k, grad_v, grad_pos};
-  auto glog = at::empty(attn.sizes(), attn.options());
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "acmix_local_attention_backward", [&] {
-    const scalar_t sc = scalar_t(scale);
-    const bool unit = stride == 1;
-    if (need_q || need_k || need_pos) {
-      if (unit) {
-        backward_rows_impl<scalar_t, 1>(g, grad_out, k, v, attn, coord_x, coord_y, sc, need_q,
-                                        need_pos, glog, grad_q, grad_pos);
-      } else {
-        backward_rows_impl<scalar_t, 0>(g, grad_out, k, v, attn, coord_x, coord_y, sc, need_q,
-                                        need_pos, glog, grad_q, grad_pos);
-      }
-    }
-    if (need_k) {
-      if (unit) {
-        backward_kv_impl<scalar_t, 1>(g, glog, q, sc, grad_k);
-      } else {
-        backward_kv_impl<scalar_t, 0>(g, glog, q, sc, grad_k);
-      }
-    }
-    if (need_v) {
-      if (unit) {
-        backward_kv_impl<scalar_t, 1>(g, attn, grad_out, scalar_t(1), grad_v);
-      } else {
-        backward_kv_impl<scalar_t, 0>(g, attn, grad_out, scalar_t(1), grad_v);
-      }
-    }
-  });
+  backward_common(grad_out, q, k, v, q_pos, coord_x, coord_y, attn, kernel, dilation, stride,
+                  scale, 1.0, need_q ? grad_q : at::Tensor(), need_k ? grad_k : at::Tensor(),
+                  need_v ? grad_v : at::Tensor(), need_pos ? grad_pos : at::Tensor(), false,
+                  false);
   return {grad_q, grad_k, grad_v, grad_pos};
+}
+
+double local_attention_backward_add(at::Tensor grad_out, at::Tensor q, at::Tensor k,
+                                    at::Tensor v, at::Tensor q_pos, at::Tensor coord_x,
+                                    at::Tensor coord_y, at::Tensor attn, int64_t kernel,
+                                    int64_t dilation, int64_t stride, double scale,
+                                    double gscale, at::Tensor grad_q, at::Tensor grad_k,
+                                    at::Tensor grad_v, at::Tensor grad_pos) {
+  check_operands(q, k, v, q_pos, coord_x, coord_y, kernel, dilation, stride);
+  const std::pair<const at::Tensor*, const at::Tensor*> pairs[] = {
+      {&grad_q, &q}, {&grad_k, &k}, {&grad_v, &v}, {&grad_pos, &q_pos}};
+  for (const auto& [grad, like] : pairs) {
+    TORCH_CHECK(!grad->defined() || grad->sizes() == like->sizes() && grad->scalar_type() == like->scalar_type(),
+                "gradient target has shape ", grad->sizes(), " and dtype ", grad->scalar_type(),
+                ", expected ", like->sizes(), " and ", like->scalar_type());
+  }
+  return backward_common(grad_out, q, k, v, q_pos, coord_x, coord_y, attn, kernel, dilation,
+                         stride, scale, gscale, grad_q, grad_k, grad_v, grad_pos, true, true);
 }
 
 }  // namespace acmix_mm

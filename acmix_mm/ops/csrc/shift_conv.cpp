@@ -54,6 +54,11 @@ struct ShiftGeometry {
   int64_t Wo_r;       // Wo rounded up to kBlock: blocks read (zero) lanes past the row's end
   int64_t phase_len;  // elements of one column phase of a padded input row
   int64_t gpad_len;   // elements of a padded grad_out row (stride-1 input gradient)
+  // Batch strides of x and of its gradient: each image's (C, H, W) block is contiguous, but
+  // x may be the first channels of a larger map (the fused ACMix op's projection).
+  int64_t x_bs, gx_bs;
+  // Element offset of group `grp` of image `b` in a map of batch stride bs.
+  int64_t plane(int64_t bg, int64_t bs) const { return (bg / G) * bs + (bg % G) * Ci * H * W; }
 };
 
 ShiftGeometry make_geometry(const at::Tensor& x, const at::Tensor& weight, int64_t groups,
@@ -77,6 +82,8 @@ ShiftGeometry make_geometry(const at::Tensor& x, const at::Tensor& weight, int64
   // W columns (from padded column pad on) must fit as well.
   g.phase_len = std::max(g.Wo_r + ((g.K - 1) * g.dil) / g.s, (g.pad + g.W) / g.s + 1);
   g.gpad_len = round_up(g.W, kBlock) + 2 * g.pad;
+  g.x_bs = x.stride(0);
+  g.gx_bs = g.x_bs;
   return g;
 }
 
@@ -160,7 +167,7 @@ void forward_impl(const ShiftGeometry& g, const T* x, const T* w, T* out) {
     std::vector<T> rows(g.Ci * g.K * g.s * g.phase_len);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t yo = task % g.Ho, bg = task / g.Ho, grp = bg % g.G;
-      split_window_rows(x + bg * g.Ci * g.H * g.W, g, yo, rows.data());
+      split_window_rows(x + g.plane(bg, g.x_bs), g, yo, rows.data());
       in_chunks_of_4(g.Co, [&](auto chunk, int64_t o0) {
         constexpr int N = decltype(chunk)::value;
         // weights (o, j, ty, tx) of this group, taps in the order of `offsets`
@@ -198,7 +205,7 @@ void backward_plane(const ShiftGeometry& g, const T* x, const T* w, const T* gou
     // Per weight, kBlock lane sums over up to kRowsPerFlush rows, then added to the double
     // total: one horizontal reduction per weight every few rows instead of every row.
     std::vector<T> lanes(g.Co * taps * kBlock, T(0));
-    const T* xg = x + bg * g.Ci * g.H * g.W;
+    const T* xg = x + g.plane(bg, g.x_bs);
     for (int64_t yo = 0; yo < g.Ho; ++yo) {
       split_window_rows(xg, g, yo, rows.data());
       for (int64_t o = 0; o < g.Co; ++o)
@@ -235,7 +242,7 @@ void backward_plane(const ShiftGeometry& g, const T* x, const T* w, const T* gou
     }
   }
   if (!need_x) return;
-  T* gxg = gx + bg * g.Ci * g.H * g.W;
+  T* gxg = gx + g.plane(bg, g.gx_bs);
   if (g.s == 1) {
     // Gather form: gx[j, y, x] = sum_{o, ty, tx} w[o, j, ty, tx] * gout[o, y + pad - ty*dil,
     // x + pad - tx*dil]; grad_out rows are copied into zero-padded buffers (2*pad wider), so
@@ -343,10 +350,22 @@ void backward_impl(const ShiftGeometry& g, const T* x, const T* w, const T* gout
 
 }  // namespace
 
+namespace {
+
+// x with each image's (C, H, W) block contiguous (any batch stride), else a contiguous copy.
+bool images_dense(const at::Tensor& x) {
+  return x.size(0) >= 1 && x.select(0, 0).is_contiguous() &&
+         (x.size(0) == 1 || x.stride(0) >= x.size(1) * x.size(2) * x.size(3));
+}
+
+at::Tensor images_contiguous(const at::Tensor& x) { return images_dense(x) ? x : x.contiguous(); }
+
+}  // namespace
+
 at::Tensor shift_conv_forward(at::Tensor x, at::Tensor weight, int64_t groups, int64_t stride,
                               int64_t dilation) {
   check_operands(x, weight, groups, stride, dilation);
-  x = x.contiguous();
+  x = images_contiguous(x);
   weight = weight.contiguous();
   const ShiftGeometry g = make_geometry(x, weight, groups, stride, dilation);
   auto out = at::empty({g.B, g.G * g.Co, g.Ho, g.Wo}, x.options());
@@ -357,29 +376,57 @@ at::Tensor shift_conv_forward(at::Tensor x, at::Tensor weight, int64_t groups, i
   return out;
 }
 
-std::vector<at::Tensor> shift_conv_backward(at::Tensor grad_out, at::Tensor x, at::Tensor weight,
-                                            int64_t groups, int64_t stride, int64_t dilation,
-                                            bool need_x, bool need_w) {
+namespace {
+
+// The backward with grad_x written into `gx` (undefined: not needed), a tensor of x's shape
+// whose images are contiguous blocks (any batch stride). Returns grad_weight (empty if not
+// needed).
+at::Tensor backward_common(at::Tensor grad_out, at::Tensor x, at::Tensor weight, int64_t groups,
+                           int64_t stride, int64_t dilation, at::Tensor gx, bool need_w) {
   check_operands(x, weight, groups, stride, dilation);
-  x = x.contiguous();
+  x = images_contiguous(x);
   weight = weight.contiguous();
-  const ShiftGeometry g = make_geometry(x, weight, groups, stride, dilation);
+  ShiftGeometry g = make_geometry(x, weight, groups, stride, dilation);
   grad_out = grad_out.to(x.scalar_type()).contiguous();
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == g.B && grad_out.size(1) == g.G * g.Co &&
                   grad_out.size(2) == g.Ho && grad_out.size(3) == g.Wo,
               "grad_out has shape ", grad_out.sizes(), ", expected the output's (", g.B, ", ",
               g.G * g.Co, ", ", g.Ho, ", ", g.Wo, ")");
-  // Distinct (0,) tensors for the gradients not asked for: custom ops' outputs must not alias.
-  auto gx = at::empty(need_x ? x.sizes() : at::IntArrayRef{0}, x.options());
+  const bool need_x = gx.defined();
+  if (need_x) {
+    TORCH_CHECK(gx.sizes() == x.sizes() && gx.scalar_type() == x.scalar_type() &&
+                    images_dense(gx),
+                "grad_x target must have x's shape ", x.sizes(), " and dtype, with contiguous "
+                "images; got ", gx.sizes(), " strides ", gx.strides());
+    g.gx_bs = gx.stride(0);
+  }
+  // Distinct (0,) tensor when not asked for: custom ops' outputs must not alias.
   auto gw = at::empty(need_w ? weight.sizes() : at::IntArrayRef{0}, weight.options());
-  if (!(need_x || need_w)) return {gx, gw};
+  if (!(need_x || need_w)) return gw;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "acmix_shift_conv_backward", [&] {
     backward_impl<scalar_t>(g, x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
                             grad_out.data_ptr<scalar_t>(), need_x, need_w,
                             need_x ? gx.data_ptr<scalar_t>() : nullptr,
                             need_w ? gw.data_ptr<scalar_t>() : nullptr);
   });
+  return gw;
+}
+
+}  // namespace
+
+std::vector<at::Tensor> shift_conv_backward(at::Tensor grad_out, at::Tensor x, at::Tensor weight,
+                                            int64_t groups, int64_t stride, int64_t dilation,
+                                            bool need_x, bool need_w) {
+  auto gx = at::empty(need_x ? x.sizes() : at::IntArrayRef{0}, x.options());
+  auto gw = backward_common(grad_out, x, weight, groups, stride, dilation,
+                            need_x ? gx : at::Tensor(), need_w);
   return {gx, gw};
+}
+
+at::Tensor shift_conv_backward_into(at::Tensor grad_out, at::Tensor x, at::Tensor weight,
+                                    int64_t groups, int64_t stride, int64_t dilation,
+                                    at::Tensor grad_x, bool need_w) {
+  return backward_common(grad_out, x, weight, groups, stride, dilation, grad_x, need_w);
 }
 
 }  // namespace acmix_mm

@@ -17,4 +17,10 @@ std::vector<at::Tensor> shift_conv_backward(at::Tensor grad_out, at::Tensor x, a
                                             int64_t groups, int64_t stride, int64_t dilation,
                                             bool need_x, bool need_w);
 
+// The backward with grad_x written into `grad_x` (x's shape, each image a contiguous block, any
+// batch stride; undefined if not needed). Returns grad_weight (empty if not needed).
+at::Tensor shift_conv_backward_into(at::Tensor grad_out, at::Tensor x, at::Tensor weight,
+                                    int64_t groups, int64_t stride, int64_t dilation,
+                                    at::Tensor grad_x, bool need_w);
+
 }  // namespace acmix_mm
