@@ -56,6 +56,21 @@ def test_layer_and_backbone_rows_in_both_modes(tmp_path, capsys):
     assert saved['settings']['threads'] == 2 and saved['settings']['iters'] == 2
 
 
+def test_retained_freed_memory_reaches_every_comparison(tmp_path, capsys):
+    record = tmp_path / 'record.json'
+    rows = benchmark_record.main([
+        '--only', 'layer-56', 'r50-c3-c5', '--modes', 'train', '--shape', '64', '64',
+        '--layer-shape', '1,8,6,5', '--iters', '1', '--warmup', '1', '--json', str(record),
+        '--retain-freed-memory'])
+    out = capsys.readouterr().out
+    assert 'freed memory retained' in out and 'live tensors for the backbones' in out
+    # Backbone memory is then the live tensors of an iteration of its own (RSS stays at its
+    # peak once freed memory is kept).
+    assert rows[1]['memory'] == 'cpu_allocator'
+    assert rows[1]['memory_a_mb'] > 0 and rows[1]['memory_b_mb'] > 0
+    assert json.loads(record.read_text())['settings']['retain_freed_memory'] is True
+
+
 def test_targets_are_judged_in_train_mode_at_full_size():
     resnet = benchmark_record.BY_KEY['resnet50']
     measured = dict(time_a_ms=150.0, time_b_ms=100.0, memory_a_mb=120.0, memory_b_mb=100.0,

@@ -33,15 +33,19 @@ Reported: the median time of ``--iters`` iterations after ``--warmup`` untimed o
 peak memory of one iteration above the level just before it (the maximum over the timed
 iterations): CUDA ``torch.cuda.max_memory_allocated`` (reset per iteration); CPU the process's
 peak RSS growth (``acmix_mm.utils.PeakMemory(method='rss')``: ``VmHWM`` reset through
-``/proc/self/clear_refs``). With ``--vs`` both models are built in this process and run
+``/proc/self/clear_refs``); with ``--retain-freed-memory`` (glibc keeps freed memory, see
+:mod:`acmix_mm.utils.allocator`, so RSS no longer grows per iteration) the live tensor bytes of
+one more iteration per model, through torch's profiler. With ``--vs`` both models are built in this process and run
 alternately, A, B, A, B, ..., so that load changes on a shared machine hit both alike, and the
 table adds the ratios A / B.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
+import platform
 import statistics
 import sys
 import time
@@ -53,6 +57,7 @@ from torch import nn
 
 from acmix_mm.tool_batches import dataset_batch, random_batch
 from acmix_mm.tool_models import build_tool_model, config_scope, default_input_shape, load_tool_config
+from acmix_mm.utils.allocator import retain_freed_memory
 from acmix_mm.utils.cli import non_negative_int, positive_int
 
 MIB = 2 ** 20
@@ -101,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--conv-impl', choices=('auto', 'conv', 'cpp'), default=None,
                         help="set conv_impl (the convolution branch's kernel) of every ACMix layer "
                              "(default: as the config builds it, normally 'auto')")
+    parser.add_argument('--retain-freed-memory', action='store_true',
+                        help='glibc keeps freed memory in the process (no page faults for the '
+                             'next iteration\'s large tensors; acmix_mm.utils.allocator); peak '
+                             'memory is then the live tensor bytes of one extra iteration')
     parser.add_argument('--profile', type=non_negative_int, default=0, metavar='N',
                         help='after timing, profile one more iteration of each model with '
                              'torch.profiler and print its N most expensive ops (self time)')
@@ -296,13 +305,17 @@ def run(subjects: Sequence[Subject], args: argparse.Namespace, device: torch.dev
 
     from acmix_mm.utils import PeakMemory
 
+    # Freed memory kept in the process: RSS stops growing per iteration, so memory is counted
+    # as live tensors, in an iteration of its own (the profiler would slow the timed ones).
+    separate_memory = device.type == 'cpu' and getattr(args, 'retain_freed_memory', False)
     method = 'rss' if device.type == 'cpu' else 'allocator'
     steps = [make_step(s, args, device) for s in subjects]
     for it in range(args.warmup + args.iters):
         for subject, (prepare, step) in zip(subjects, steps):
             prepare()
-            with DefaultScope.overwrite_default_scope(subject.cfg.default_scope), \
-                    PeakMemory(device, method) as mem:
+            meter = (contextlib.nullcontext(PeakMemory(device)) if separate_memory
+                     else PeakMemory(device, method))
+            with DefaultScope.overwrite_default_scope(subject.cfg.default_scope), meter as mem:
                 _sync(device)
                 start = time.perf_counter()
                 step()
@@ -315,6 +328,14 @@ def run(subjects: Sequence[Subject], args: argparse.Namespace, device: torch.dev
             print(f'# {subject.label} {"warm-up" if it < args.warmup else "iter"} '
                   f'{it + 1 - (args.warmup if it >= args.warmup else 0)}: {seconds * 1e3:.1f} ms, '
                   f'{(mem.peak_bytes or 0) / MIB:.1f} MB', file=sys.stderr, flush=True)
+    if separate_memory:
+        for subject, (prepare, step) in zip(subjects, steps):
+            prepare()
+            with DefaultScope.overwrite_default_scope(subject.cfg.default_scope), \
+                    PeakMemory(device, 'allocator') as mem:
+                step()
+            subject.peaks = [int(mem.peak_bytes or 0)]
+            subject.memory_method = mem.method or ''
 
 
 def profile(subjects: Sequence[Subject], args: argparse.Namespace, device: torch.device,
@@ -351,7 +372,10 @@ def format_report(subjects: Sequence[Subject], args: argparse.Namespace,
     what = 'forward + backward' if args.mode == 'train' else 'no-grad forward'
     memory = ('peak RSS growth (VmHWM)' if subjects[0].memory_method == 'vmhwm'
               else 'peak RSS growth (sampled)' if subjects[0].memory_method == 'rss_sampling'
+              else 'live tensors (allocator)' if subjects[0].memory_method == 'cpu_allocator'
               else 'CUDA max_memory_allocated')
+    if getattr(args, 'retain_freed_memory', False):
+        memory += ', freed memory retained'
     lines = [
         f'mode {args.mode} ({what}), part {args.part}, data {args.data}, input {shape_text}, '
         f'device {args.device}, {torch.get_num_threads()} threads'
@@ -392,6 +416,9 @@ def measure(parser: argparse.ArgumentParser, args: argparse.Namespace) -> List[S
                      f'(torch {torch.__version__}, cuda build: {torch.version.cuda})')
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.retain_freed_memory and not retain_freed_memory():
+        parser.error('--retain-freed-memory needs glibc (Linux); this C library is '
+                     f'{platform.libc_ver()[0] or platform.system()}')
     import acmix_mm  # noqa: F401  registers the ACMix backbones into mmdet/mmseg
 
     device = torch.device(args.device)

@@ -28,6 +28,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
 import sys
 import time
@@ -38,6 +39,7 @@ from torch import nn
 
 from acmix_mm.ops import ACMix
 from acmix_mm.utils import PeakMemory
+from acmix_mm.utils.allocator import retain_freed_memory
 from acmix_mm.utils.cli import non_negative_int, positive_int
 
 IMPLS = ('auto', 'unfold', 'lean', 'cpp', 'cpp-attn', 'conv3x3', 'lean+compile', 'cpp+compile')
@@ -79,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help='torch CPU threads (default: torch\'s choice)')
     parser.add_argument('--stride', type=positive_int, default=1,
                         help='operator stride (default 1)')
+    parser.add_argument('--retain-freed-memory', action='store_true',
+                        help='glibc keeps freed memory in the process (no page faults for the '
+                             'next iteration\'s large tensors; acmix_mm.utils.allocator)')
     parser.add_argument('--memory', choices=['allocator', 'rss'], default='allocator',
                         help="peak memory as live tensor bytes ('allocator', default) or as the "
                              "CPU process's RSS ('rss'); see acmix_mm.utils.memory")
@@ -207,6 +212,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                      f'(torch {torch.__version__}, cuda build: {torch.version.cuda})')
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.retain_freed_memory and not retain_freed_memory():
+        parser.error('--retain-freed-memory needs glibc (Linux); this C library is '
+                     f'{platform.libc_ver()[0] or platform.system()}')
     devices = list(dict.fromkeys(args.device))
     impls = list(dict.fromkeys(args.impls))
     results = {}
@@ -224,7 +232,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                           f'{peak / 2**20:.1f} MB', file=sys.stderr, flush=True)
     print(f'mode {args.mode}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, '
           f'stride {args.stride}, median of {args.iters} after {args.warmup} warm-up, peak memory: '
-          f'{args.memory}\n')
+          f'{args.memory}{", freed memory retained" if args.retain_freed_memory else ""}\n')
     print(format_tables(results, args.shapes, devices, impls, args.mode))
     return 0
 

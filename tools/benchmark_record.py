@@ -41,6 +41,7 @@ if TOOLS not in sys.path:  # the measuring tools beside this one
 
 from benchmark_op import parse_shape, run_cases  # noqa: E402
 
+from acmix_mm.utils.allocator import retain_freed_memory  # noqa: E402
 from acmix_mm.utils.cli import non_negative_int, positive_int  # noqa: E402
 
 MODES = ('train', 'infer')
@@ -107,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--threads', type=positive_int, default=2,
                         help='torch CPU threads (default 2, as the README\'s table)')
     parser.add_argument('--device', choices=['cpu', 'cuda'], default='cpu')
+    parser.add_argument('--retain-freed-memory', action='store_true',
+                        help='every comparison with glibc keeping freed memory '
+                             '(acmix_mm.utils.allocator): no page faults for repeated large '
+                             'tensors; backbone memory is then counted as live tensors')
     parser.add_argument('--json', metavar='FILE', default=None,
                         help='also write the record (settings and every row) to FILE as JSON')
     parser.add_argument('--child', metavar='KEY', choices=list(BY_KEY), help=argparse.SUPPRESS)
@@ -118,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------ one comparison
 def measure_layer(comparison: Comparison, args: argparse.Namespace, mode: str) -> dict:
     torch.set_num_threads(args.threads)
+    if args.retain_freed_memory:
+        retain_freed_memory()
     shape = args.layer_shape or comparison.shape
     measured = run_cases(['auto', 'conv3x3'], shape, torch.device(args.device), 1, args.iters,
                          args.warmup, 'allocator', mode)
@@ -134,6 +141,8 @@ def measure_backbones(comparison: Comparison, args: argparse.Namespace, mode: st
             '--mode', mode, '--shape', *map(str, args.shape), '--iters', str(args.iters),
             '--warmup', str(args.warmup), '--threads', str(args.threads),
             '--device', args.device]
+    if args.retain_freed_memory:
+        argv.append('--retain-freed-memory')
     if comparison.cfg_options:
         argv += ['--cfg-options', *comparison.cfg_options]
     parser = benchmark.build_parser()
@@ -161,6 +170,8 @@ def _child_command(args: argparse.Namespace, key: str, mode: str, result: str) -
                '--threads', str(args.threads), '--device', args.device]
     if args.layer_shape:
         command += ['--layer-shape', ','.join(map(str, args.layer_shape))]
+    if args.retain_freed_memory:
+        command.append('--retain-freed-memory')
     return command
 
 
@@ -260,10 +271,14 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
             print(f'# {key} {mode}: time A / B {rows[-1]["time_ratio"]:.2f}', file=sys.stderr,
                   flush=True)
     settings = dict(device=args.device, threads=args.threads, iters=args.iters,
-                    warmup=args.warmup, torch=torch.__version__, batch=1)
+                    warmup=args.warmup, torch=torch.__version__, batch=1,
+                    retain_freed_memory=args.retain_freed_memory)
+    backbone_memory = ('live tensors' if args.retain_freed_memory and args.device == 'cpu'
+                       else 'peak RSS growth')
     print(f'device {args.device}, {args.threads} threads, batch 1, median of {args.iters} after '
           f'{args.warmup} warm-up, torch {torch.__version__}; each row in its own process, A and '
-          'B alternating; memory: live tensors for the layers, peak RSS growth for the backbones '
+          f'B alternating{"; freed memory retained" if args.retain_freed_memory else ""}; memory: '
+          f'live tensors for the layers, {backbone_memory} for the backbones '
           '(CUDA: max_memory_allocated)\n')
     print(format_table(rows))
     if args.json:

@@ -7,6 +7,7 @@ from mmengine.config import DictAction
 import acmix_mm  # noqa: F401  (registers the ACMix models)
 from acmix_mm.lightning import TrainerOverrides, load_config, train
 from acmix_mm.lightning.api import AUTO_RESUME
+from acmix_mm.utils.allocator import retain_freed_memory
 
 
 def parse_args(argv=None):
@@ -32,11 +33,18 @@ def parse_args(argv=None):
     limits.add_argument('--max-epochs', type=int, help='train this many epochs (epoch-based loop)')
     limits.add_argument('--max-steps', type=int, help='train this many iterations (iteration-based loop)')
     parser.add_argument('--seed', type=int, help='global seed (default: cfg.randomness.seed)')
+    parser.add_argument('--retain-freed-memory', action='store_true',
+                        help='CPU training: glibc keeps freed memory in the process, so large '
+                             'tensors are not page-faulted in anew every step (faster; resident '
+                             'memory stays at its peak). See acmix_mm.utils.allocator')
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.retain_freed_memory and not retain_freed_memory():
+        raise SystemExit('--retain-freed-memory needs glibc (Linux); this process has another C '
+                         'library, nothing was changed')
     cfg = load_config(args.config, args.cfg_options)
     overrides = TrainerOverrides(accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
                                  strategy=args.strategy, precision=args.precision,

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpp_fused import cpp_acmix_branches
+from .cpp_fused import cpp_acmix_branches, project
 from .cpp_shift import CONV_IMPLS, resolve_conv_impl, shift_conv
 from .local_attention import ATTN_IMPLS, local_attention, resolve_attn_impl
 from .replaced_conv import take_replaced_conv
@@ -303,12 +303,10 @@ class ACMix(nn.Module):
         return (torch.cat([weight.view(-1, self.in_channels), w_pos]), torch.cat([bias, b_pos]))
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """The forward through the fused C++ op; the projection runs as one batched matrix
-        product (BLAS), which on CPU is faster than oneDNN's NCHW 1x1 convolution."""
-        b, _, h, w = x.shape
+        """The forward through the fused C++ op (:mod:`acmix_mm.ops.cpp_fused`)."""
+        h, w = x.shape[-2:]
         weight, bias = self._fused_projection()
-        proj = torch.baddbmm(bias.view(1, -1, 1), weight.expand(b, -1, -1),
-                             x.reshape(b, self.in_channels, h * w)).view(b, -1, h, w)
+        proj = project(x, weight, bias)
         rate1 = self.rate1 + 0.0 * self.conv_p.bias.sum()  # see forward
         coord_x = torch.linspace(-1.0, 1.0, w, dtype=x.dtype, device=x.device)
         coord_y = torch.linspace(-1.0, 1.0, h, dtype=x.dtype, device=x.device)

@@ -38,7 +38,7 @@ SOURCES: List[str] = [os.path.join(_CSRC, name) for name in
 _HEADERS: List[str] = [os.path.join(_CSRC, name) for name in ('local_attention.h', 'shift_conv.h')]
 # -O3 for the vectorised x loops; OpenMP so that at::parallel_for uses torch's thread pool
 # (libgomp is shared with torch by soname, so torch.set_num_threads applies).
-_CFLAGS: List[str] = ['-O3', '-march=native', '-fopenmp']
+_CFLAGS: List[str] = ['-O3', '-march=native', '-mprefer-vector-width=512', '-fopenmp']
 _LDFLAGS: List[str] = ['-fopenmp']
 
 _lock = threading.Lock()

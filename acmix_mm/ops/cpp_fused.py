@@ -24,9 +24,29 @@ from typing import Tuple
 
 import torch
 
+import torch.nn.functional as F
+
+from ..utils.allocator import freed_memory_retained
 from . import cpp_extension
 
-__all__ = ['cpp_acmix_branches', 'split_projection']
+__all__ = ['cpp_acmix_branches', 'project', 'split_projection']
+
+
+def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The 1x1 projection (B, C_in, H, W) -> (B, P, H, W) with weight (P, C_in), bias (P,).
+
+    Two ways to run it on CPU, each faster in one allocator regime (measured in
+    ``docs/benchmarks.md#allocation``): oneDNN's convolution, the faster kernel, allocates
+    large temporaries, which glibc by default maps and faults in anew at every call; a batched
+    BLAS product allocates only its output. So: the convolution where freed memory is kept in
+    the process (:func:`acmix_mm.utils.allocator.freed_memory_retained`), the batched product
+    otherwise. Both are the same function to float rounding.
+    """
+    if freed_memory_retained():
+        return F.conv2d(x, weight.view(*weight.shape, 1, 1), bias)
+    b, c, h, w = x.shape
+    return torch.baddbmm(bias.view(1, -1, 1), weight.expand(b, -1, -1),
+                         x.reshape(b, c, h * w)).view(b, -1, h, w)
 
 
 def _require_extension():
