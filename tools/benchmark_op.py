@@ -8,11 +8,12 @@ no-grad forward (``--mode infer``) of
 - ``lean``: ``ACMix(C, C, attn_impl='lean')`` (the memory-lean PyTorch-ops kernel),
 - ``auto``: ``ACMix(C, C)`` as a config builds it (``'cpp'`` on CPU, ``'triton'`` or ``'lean'``
   on CUDA),
-- ``cpp``: ``ACMix(C, C, attn_impl='cpp')`` (the C++ CPU kernel, what ``'auto'`` picks on CPU;
-  built on first use, which is not timed),
+- ``cpp``: ``ACMix(C, C, attn_impl='cpp')`` (the C++ CPU kernels, what ``'auto'`` picks on CPU:
+  with ``conv_impl='auto'`` both branches run as one fused C++ op; built on first use, which is
+  not timed),
 - ``cpp-attn``: as ``cpp`` but with ``conv_impl='conv'``: the convolution branch by oneDNN's
-  grouped conv instead of its C++ kernel (every other ACMix row uses ``conv_impl='auto'``,
-  i.e. the C++ branch kernel on CPU),
+  grouped conv instead of its C++ kernel, so the branches run separately (every other ACMix
+  row uses ``conv_impl='auto'``),
 - ``conv3x3``: ``nn.Conv2d(C, C, 3, padding=1)`` (what ACMix replaces),
 - optionally ``lean+compile`` / ``cpp+compile``: ``torch.compile`` of the lean / cpp module
   (compile time excluded),

@@ -164,7 +164,12 @@ class ACMix(nn.Module):
       linear), so the (B, head_dim * kernel_conv**2, H, W) intermediate is never stored;
     - ``attn_impl='lean'`` and ``'cpp'`` never materialise the (B, C, kernel_att**2, H, W)
       windows: for backward they keep only their operands (q, k, v as views of the
-      projection) and the attention weights (B, head, kernel_att**2, H_out, W_out).
+      projection) and the attention weights (B, head, kernel_att**2, H_out, W_out);
+    - where both kernels resolve to ``'cpp'`` (CPU, float32/float64, no autocast) the two
+      branches run as one C++ op (:mod:`acmix_mm.ops.cpp_fused`): q_pos comes from 2*head
+      extra rows of the projection (:meth:`_fused_projection`), one gradient buffer serves
+      both branches, and ``rate1``'s gradient is summed inside the kernel (no attention map is
+      kept for it).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_att: int = 7, head: int = 4,
