@@ -12,8 +12,10 @@ with the C++ kernels of :mod:`acmix_mm.ops.cpp_shift` and :mod:`acmix_mm.ops.cpp
 the attention adds ``rate1 *`` its output into the convolution's output map, and the backward
 writes the convolution's input gradient into one (B, 3C + 2*head, H, W) buffer, into whose q, k,
 v (and q_pos) views the attention's gradients are added, so no per-branch gradient maps are
-allocated, summed or copied, and no attention output is kept for ``rate1``'s gradient (the
-kernel's softmax backward already holds ``grad_out . out`` per query).
+allocated, summed or copied. Between forward and backward the op keeps only the projection and
+the small kernels: no attention output for ``rate1``'s gradient (the kernel's softmax backward
+already holds ``grad_out . out`` per query), and no attention weights, which the backward
+recomputes bit for bit and then uses as its work buffer.
 
 The same function as the two separate ops to float rounding; registered as the torch custom op
 ``acmix_mm::acmix_branches_cpp`` (fake implementation and autograd formula included).
@@ -76,18 +78,20 @@ def split_projection(proj: torch.Tensor, head: int, stride: int
 @torch.library.custom_op('acmix_mm::acmix_branches_cpp', mutates_args=())
 def _fused_forward(proj: torch.Tensor, weight: torch.Tensor, rate1: torch.Tensor,
                    coord_x: torch.Tensor, coord_y: torch.Tensor, head: int, kernel_att: int,
-                   dilation: int, stride: int, scale: float
-                   ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, C, H_out, W_out), attention weights (B, head, kernel_att**2, H_out, W_out))."""
+                   dilation: int, stride: int, scale: float) -> torch.Tensor:
+    """out (B, C, H_out, W_out)."""
     ext = _require_extension()
     channels = proj.shape[1] - 2 * head
     dim = channels // (3 * head)
     out = ext.shift_conv_forward(proj[:, :channels], weight, dim, stride, dilation)
     q, k, v, q_pos = split_projection(proj, head, stride)
     b, _, h_out, w_out = out.shape
-    attn = ext.forward_add(q, k, v, q_pos, coord_x, coord_y, kernel_att, dilation, stride,
-                           scale, out.view(b, head, dim, h_out, w_out), float(rate1))
-    return out, attn
+    # The attention weights are not kept: the backward recomputes them (the same arithmetic,
+    # so the same bits), which saves a (B, head, kernel_att**2, H_out, W_out) map per layer
+    # between forward and backward for a fraction of the forward's time.
+    ext.forward_add(q, k, v, q_pos, coord_x, coord_y, kernel_att, dilation, stride, scale,
+                    out.view(b, head, dim, h_out, w_out), float(rate1))
+    return out
 
 
 @_fused_forward.register_fake
@@ -95,13 +99,12 @@ def _fused_forward_fake(proj, weight, rate1, coord_x, coord_y, head, kernel_att,
                         scale):
     b, _, h, w = proj.shape
     h_out, w_out = (h + stride - 1) // stride, (w + stride - 1) // stride
-    return (proj.new_empty(b, weight.shape[0], h_out, w_out),
-            proj.new_empty(b, head, kernel_att * kernel_att, h_out, w_out))
+    return proj.new_empty(b, weight.shape[0], h_out, w_out)
 
 
 @torch.library.custom_op('acmix_mm::acmix_branches_cpp_backward', mutates_args=())
 def _fused_backward(grad_out: torch.Tensor, proj: torch.Tensor, weight: torch.Tensor,
-                    rate1: torch.Tensor, attn: torch.Tensor, coord_x: torch.Tensor,
+                    rate1: torch.Tensor, coord_x: torch.Tensor,
                     coord_y: torch.Tensor, head: int, kernel_att: int, dilation: int,
                     stride: int, scale: float, need_weight: bool
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -119,15 +122,19 @@ def _fused_backward(grad_out: torch.Tensor, proj: torch.Tensor, weight: torch.Te
     grad_weight = ext.shift_conv_backward_into(grad_out, proj[:, :channels], weight, dim, stride,
                                                dilation, grad_proj[:, :channels], need_weight)
     q, k, v, q_pos = split_projection(proj, head, stride)
+    # Recomputed (see the forward), and then this op's own work buffer: the kernel overwrites it
+    # with the logits' gradient instead of allocating one more map of its size.
+    attn = ext.attention_weights(q, k, v, q_pos, coord_x, coord_y, kernel_att, dilation, stride,
+                                 scale)
     b, _, h_out, w_out = grad_out.shape
     grad_rate1 = ext.backward_add(grad_out.view(b, head, dim, h_out, w_out), q, k, v, q_pos,
                                   coord_x, coord_y, attn, kernel_att, dilation, stride, scale,
-                                  float(rate1), *split_projection(grad_proj, head, stride))
+                                  float(rate1), *split_projection(grad_proj, head, stride), True)
     return grad_proj, grad_weight, rate1.new_full((1,), grad_rate1)
 
 
 @_fused_backward.register_fake
-def _fused_backward_fake(grad_out, proj, weight, rate1, attn, coord_x, coord_y, head, kernel_att,
+def _fused_backward_fake(grad_out, proj, weight, rate1, coord_x, coord_y, head, kernel_att,
                          dilation, stride, scale, need_weight):
     return (torch.empty_like(proj, memory_format=torch.contiguous_format),
             weight.new_empty(weight.shape if need_weight else (0,)), rate1.new_empty(1))
@@ -135,16 +142,12 @@ def _fused_backward_fake(grad_out, proj, weight, rate1, attn, coord_x, coord_y, 
 
 def _fused_setup_context(ctx, inputs, output) -> None:
     proj, weight, rate1, coord_x, coord_y, head, kernel_att, dilation, stride, scale = inputs
-    ctx.save_for_backward(proj, weight, rate1, output[1], coord_x, coord_y)
+    ctx.save_for_backward(proj, weight, rate1, coord_x, coord_y)
     ctx.geometry = (head, kernel_att, dilation, stride, scale)
-    # The attention weights are internal: their gradient is always None.
-    ctx.set_materialize_grads(False)
 
 
-def _fused_autograd(ctx, grad_out, grad_attn):
+def _fused_autograd(ctx, grad_out):
     need_proj, need_weight, need_rate = ctx.needs_input_grad[:3]
-    if grad_out is None:
-        return (None,) * 10
     grad_proj, grad_weight, grad_rate1 = _fused_backward(grad_out, *ctx.saved_tensors,
                                                          *ctx.geometry, bool(need_weight))
     return ((grad_proj if need_proj else None), (grad_weight if need_weight else None),
@@ -166,4 +169,4 @@ def cpp_acmix_branches(proj: torch.Tensor, weight: torch.Tensor, rate1: torch.Te
     """
     return _fused_forward(proj.contiguous(), weight.to(proj.dtype).contiguous(),
                           rate1.to(proj.dtype), coord_x, coord_y, int(head), int(kernel_att),
-                          int(dilation), int(stride), float(scale))[0]
+                          int(dilation), int(stride), float(scale))

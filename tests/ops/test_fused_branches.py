@@ -3,6 +3,8 @@ reference path (unfold attention, F.conv2d branch): outputs and every gradient, 
 when it is taken, and its errors."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -113,17 +115,34 @@ def test_split_projection_views():
         assert view.untyped_storage().data_ptr() == proj.untyped_storage().data_ptr()
 
 
-def test_fused_keeps_no_attention_output_for_rate1():
-    # Saved for backward: the projection, the kernel, rate1, the attention weights and the two
-    # coordinate vectors; no (B, C, H, W) attention map.
+def test_fused_keeps_only_the_projection_between_forward_and_backward():
+    # Saved for backward: the input (by the projection), its weights, the projection, the
+    # branch kernel, rate1 and the coordinates; neither an attention map for rate1 nor the
+    # (B, head, 49, H, W) attention weights, which the backward recomputes.
     layer = ACMix(16, 16)
     x = torch.randn(1, 16, 10, 12)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t,
                                                   lambda t: t):
         layer(x)
-    assert (1, 16, 10, 12) not in saved
-    assert (1, 3 * 16 + 2 * 4, 10, 12) in saved and (1, 4, 49, 10, 12) in saved
+    assert (1, 3 * 16 + 2 * 4, 10, 12) in saved
+    numels = sorted(math.prod(shape) for shape in saved)
+    # Map-sized: the input (16 channels, in whatever view the projection keeps it) and the
+    # projection (56 channels); the weights would be 4 * 49 channels.
+    assert [n for n in numels if n >= 16 * 120] == [16 * 120, 56 * 120], saved
+
+
+def test_recomputed_weights_give_the_same_bits_as_kept_ones():
+    # The fused op's backward recomputes the attention weights instead of keeping them: the
+    # recomputation must give the forward's weights to the bit.
+    from acmix_mm.ops import cpp_extension
+    ext = cpp_extension.load_extension()
+    gen = torch.Generator().manual_seed(3)
+    proj = torch.randn(2, 3 * 16 + 8, 9, 11, generator=gen)
+    q, k, v, q_pos = split_projection(proj, 4, 1)
+    cx, cy = torch.linspace(-1, 1, 11), torch.linspace(-1, 1, 9)
+    out, kept = ext.forward(q, k, v, q_pos, cx, cy, 7, 1, 1, 0.5)
+    assert torch.equal(ext.attention_weights(q, k, v, q_pos, cx, cy, 7, 1, 1, 0.5), kept)
 
 
 def test_fused_op_errors_name_the_operands():

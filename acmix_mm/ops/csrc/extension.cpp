@@ -13,6 +13,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "local attention backward: (grad_q, grad_k, grad_v, grad_q_pos); empty if not needed");
   m.def("forward_add", &acmix_mm::local_attention_forward_add,
         "local attention forward adding alpha * out into a given tensor: attn weights");
+  m.def("attention_weights", &acmix_mm::local_attention_weights,
+        "the forward's attention weights alone (..., K2, Ho, Wo), recomputed bit for bit");
   m.def("backward_add", &acmix_mm::local_attention_backward_add,
         "backward of forward_add into given gradient views: sum(grad_out * out)");
   m.def("shift_conv_forward", &acmix_mm::shift_conv_forward,

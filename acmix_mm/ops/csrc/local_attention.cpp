@@ -298,13 +298,15 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k,
                   const at::Tensor& v, const at::Tensor& q_pos, const at::Tensor& coord_x,
                   const at::Tensor& coord_y, T scale, at::Tensor& out, at::Tensor& attn,
                   bool accumulate, T alpha) {
+  // out undefined: only the attention weights (the fused op's backward recomputes them).
+  const bool weights_only = !out.defined();
   const auto q_off = plane_offsets(q, g.nlead), k_off = plane_offsets(k, g.nlead),
              v_off = plane_offsets(v, g.nlead), p_off = plane_offsets(q_pos, g.nlead);
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
   const T* pp = q_pos.data_ptr<T>();
-  T* op = out.data_ptr<T>();
+  T* op = weights_only ? nullptr : out.data_ptr<T>();
   T* ap = attn.data_ptr<T>();
   const int64_t q_cs = q.stride(-3), q_rs = q.stride(-2);
   const int64_t k_cs = k.stride(-3), k_rs = k.stride(-2);
@@ -377,6 +379,7 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k,
           std::copy_n(l, g.Wo, arow + t * HoWo);
         }
       }
+      if (weights_only) continue;
       // Weighted sum of the value rows: per ty, all Dv channels in groups sharing the a loads.
       std::fill(obuf.begin(), obuf.end(), T(0));
       accumulate_window<T, S>(logits.data(), vcache, n, y, vp + v_off[n], v_cs, v_rs, g, g.Dv,
@@ -661,13 +664,16 @@ at::Tensor forward_common(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor q
 
 // The backward into given gradient tensors (undefined = not needed); q/k/v gradients are
 // accumulated when `accumulate`, q_pos's is written. Returns sum grad_out . out (double) when
-// `want_rate`, else 0.
+// `want_rate`, else 0. With `attn_scratch` (attn is the caller's own recomputed copy) the
+// logits' gradient overwrites attn row by row instead of going to a buffer of its own: the v
+// gradient, which needs the weights, runs first.
 double backward_common(at::Tensor grad_out, at::Tensor q, at::Tensor k, at::Tensor v,
                        const at::Tensor& q_pos, const at::Tensor& coord_x,
                        const at::Tensor& coord_y, at::Tensor attn, int64_t kernel,
                        int64_t dilation, int64_t stride, double scale, double gscale,
                        at::Tensor grad_q, at::Tensor grad_k, at::Tensor grad_v,
-                       at::Tensor grad_pos, bool accumulate, bool want_rate) {
+                       at::Tensor grad_pos, bool accumulate, bool want_rate,
+                       bool attn_scratch) {
   q = unit_last_stride(q);
   k = unit_last_stride(k);
   v = unit_last_stride(v);
@@ -690,11 +696,20 @@ double backward_common(at::Tensor grad_out, at::Tensor q, at::Tensor k, at::Tens
                    tp = grad_target(grad_pos, g.nlead, false);
   std::vector<double> rate_rows(want_rate ? g.N * g.Ho : 0, 0.0);
   if (!(need_q || need_k || need_v || need_pos || want_rate)) return 0.0;
-  auto glog = at::empty(attn.sizes(), attn.options());
+  TORCH_CHECK(!attn_scratch || attn.is_contiguous(), "a scratch attn must be contiguous");
+  auto glog = attn_scratch ? attn : at::empty(attn.sizes(), attn.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "acmix_local_attention_backward", [&] {
     const scalar_t sc = scalar_t(scale), gs = scalar_t(gscale);
     const bool unit = stride == 1;
     double* rr = want_rate ? rate_rows.data() : nullptr;
+    auto v_grad = [&] {
+      if (unit) {
+        backward_kv_impl<scalar_t, 1>(g, attn, grad_out, gs, grad_v, tv);
+      } else {
+        backward_kv_impl<scalar_t, 0>(g, attn, grad_out, gs, grad_v, tv);
+      }
+    };
+    if (need_v && attn_scratch) v_grad();
     if (need_q || need_k || need_pos || want_rate) {
       if (unit) {
         backward_rows_impl<scalar_t, 1>(g, grad_out, k, v, attn, coord_x, coord_y, sc, gs,
@@ -711,13 +726,7 @@ double backward_common(at::Tensor grad_out, at::Tensor q, at::Tensor k, at::Tens
         backward_kv_impl<scalar_t, 0>(g, glog, q, sc, grad_k, tk);
       }
     }
-    if (need_v) {
-      if (unit) {
-        backward_kv_impl<scalar_t, 1>(g, attn, grad_out, gs, grad_v, tv);
-      } else {
-        backward_kv_impl<scalar_t, 0>(g, attn, grad_out, gs, grad_v, tv);
-      }
-    }
+    if (need_v && !attn_scratch) v_grad();
   });
   double rate = 0.0;  // summed in a fixed order: deterministic
   for (double r : rate_rows) rate += r;
@@ -754,6 +763,15 @@ at::Tensor local_attention_forward_add(at::Tensor q, at::Tensor k, at::Tensor v,
                         true, alpha);
 }
 
+at::Tensor local_attention_weights(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor q_pos,
+                                   at::Tensor coord_x, at::Tensor coord_y, int64_t kernel,
+                                   int64_t dilation, int64_t stride, double scale) {
+  check_operands(q, k, v, q_pos, coord_x, coord_y, kernel, dilation, stride);
+  at::Tensor none;
+  return forward_common(q, k, v, q_pos, coord_x, coord_y, kernel, dilation, stride, scale, none,
+                        false, 1.0);
+}
+
 // Returns (grad_q, grad_k, grad_v, grad_q_pos); a gradient not asked for is an empty tensor.
 std::vector<at::Tensor> local_attention_backward(
     at::Tensor grad_out, at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor q_pos,
@@ -768,7 +786,7 @@ std::vector<at::Tensor> local_attention_backward(
   backward_common(grad_out, q, k, v, q_pos, coord_x, coord_y, attn, kernel, dilation, stride,
                   scale, 1.0, need_q ? grad_q : at::Tensor(), need_k ? grad_k : at::Tensor(),
                   need_v ? grad_v : at::Tensor(), need_pos ? grad_pos : at::Tensor(), false,
-                  false);
+                  false, false);
   return {grad_q, grad_k, grad_v, grad_pos};
 }
 
@@ -777,7 +795,7 @@ double local_attention_backward_add(at::Tensor grad_out, at::Tensor q, at::Tenso
                                     at::Tensor coord_y, at::Tensor attn, int64_t kernel,
                                     int64_t dilation, int64_t stride, double scale,
                                     double gscale, at::Tensor grad_q, at::Tensor grad_k,
-                                    at::Tensor grad_v, at::Tensor grad_pos) {
+                                    at::Tensor grad_v, at::Tensor grad_pos, bool attn_scratch) {
   check_operands(q, k, v, q_pos, coord_x, coord_y, kernel, dilation, stride);
   const std::pair<const at::Tensor*, const at::Tensor*> pairs[] = {
       {&grad_q, &q}, {&grad_k, &k}, {&grad_v, &v}, {&grad_pos, &q_pos}};
@@ -787,7 +805,8 @@ double local_attention_backward_add(at::Tensor grad_out, at::Tensor q, at::Tenso
                 ", expected ", like->sizes(), " and ", like->scalar_type());
   }
   return backward_common(grad_out, q, k, v, q_pos, coord_x, coord_y, attn, kernel, dilation,
-                         stride, scale, gscale, grad_q, grad_k, grad_v, grad_pos, true, true);
+                         stride, scale, gscale, grad_q, grad_k, grad_v, grad_pos, true, true,
+                         attn_scratch);
 }
 
 }  // namespace acmix_mm
