@@ -34,19 +34,25 @@ from . import cpp_extension
 __all__ = ['cpp_acmix_branches', 'project', 'split_projection']
 
 
+# Projections of at least this many output bytes run as the batched product when freed memory
+# is not retained (below it oneDNN's temporaries fit under glibc's mmap threshold, which adapts
+# up to 32 MiB, and the convolution is faster).
+_GEMM_BYTES = 16 * 2**20
+
+
 def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """The 1x1 projection (B, C_in, H, W) -> (B, P, H, W) with weight (P, C_in), bias (P,).
 
-    Two ways to run it on CPU, each faster in one allocator regime (measured in
-    ``docs/benchmarks.md#allocation``): oneDNN's convolution, the faster kernel, allocates
-    large temporaries, which glibc by default maps and faults in anew at every call; a batched
-    BLAS product allocates only its output. So: the convolution where freed memory is kept in
-    the process (:func:`acmix_mm.utils.allocator.freed_memory_retained`), the batched product
-    otherwise. Both are the same function to float rounding.
+    Two ways to run it on CPU (measured in ``docs/benchmarks.md#allocation``): oneDNN's
+    convolution, the faster kernel, allocates large temporaries, which glibc by default maps and
+    faults in anew at every call once they pass its mmap threshold; a batched BLAS product
+    allocates only its output. So: the convolution where freed memory is kept in the process
+    (:func:`acmix_mm.utils.allocator.freed_memory_retained`) or the output is under 16 MiB, the
+    batched product otherwise. Both are the same function to float rounding.
     """
-    if freed_memory_retained():
-        return F.conv2d(x, weight.view(*weight.shape, 1, 1), bias)
     b, c, h, w = x.shape
+    if freed_memory_retained() or b * weight.shape[0] * h * w * x.element_size() < _GEMM_BYTES:
+        return F.conv2d(x, weight.view(*weight.shape, 1, 1), bias)
     return torch.baddbmm(bias.view(1, -1, 1), weight.expand(b, -1, -1),
                          x.reshape(b, c, h * w)).view(b, -1, h, w)
 
