@@ -61,7 +61,8 @@ demo-seg: $(STAMP)
 # The benchmark record: every ACMix-vs-baseline ratio of the README's table (the ACMix layer
 # against a 3x3 conv, ResNet-ACMix-50, R50 with ACMix in c3-c5 and Swin-ACMix-T against their
 # baselines; train and infer, 2 threads), each comparison in its own process (docs/benchmarks.md).
-# Tens of minutes on a 2-core CPU.  BENCH_ARGS="--device cuda" on a GPU machine.
+# 4-6 minutes on a 2-core CPU.  BENCH_ARGS="--retain-freed-memory" keeps freed memory in each
+# process (docs/benchmarks.md#allocation); BENCH_ARGS="--device cuda" on a GPU machine.
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(PY) tools/benchmark_record.py $(BENCH_ARGS)
