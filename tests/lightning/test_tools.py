@@ -83,8 +83,9 @@ def test_resume_continues_from_last_checkpoint(trained, det_config_file, tmp_pat
     work_dir, ckpt = trained
     resumed = tmp_path / 'resumed'
     shutil.copytree(work_dir, resumed)
+    # Resumed with --retain-freed-memory (glibc keeps freed memory in the process).
     run_tool('tools/train.py', det_config_file, '--work-dir', resumed, '--resume', '--max-steps', '3',
-             '--accelerator', 'cpu', '--cfg-options', 'train_cfg.val_interval=3')
+             '--accelerator', 'cpu', '--retain-freed-memory', '--cfg-options', 'train_cfg.val_interval=3')
     after = torch.load(resumed / 'checkpoints' / 'last.ckpt', map_location='cpu', weights_only=True)
     before = torch.load(ckpt, map_location='cpu', weights_only=True)
     assert after['global_step'] == 3
