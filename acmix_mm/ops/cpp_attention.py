@@ -28,11 +28,7 @@ CPP_DTYPES = (torch.float32, torch.float64)
 
 
 def _require_extension():
-    ext = cpp_extension.load_extension()
-    if ext is None:
-        raise RuntimeError("local attention impl 'cpp': the C++ extension could not be built "
-                           f'({cpp_extension.extension_error()}); use impl="lean" or "auto"')
-    return ext
+    return cpp_extension.require_extension("local attention impl 'cpp'", 'impl="lean" or "auto"')
 
 
 @torch.library.custom_op('acmix_mm::local_attention_cpp', mutates_args=())

@@ -29,7 +29,7 @@ from typing import List, Optional
 import torch
 
 __all__ = ['SOURCES', 'extension_name', 'build_directory', 'load_extension', 'is_loaded',
-           'extension_available', 'extension_error']
+           'require_extension', 'extension_available', 'extension_error']
 
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc')
 SOURCES: List[str] = [os.path.join(_CSRC, name) for name in
@@ -109,6 +109,16 @@ def _first_error_line(log: str) -> str:
         if 'error:' in lower or 'not found' in lower or 'no such file' in lower:
             return line
     return lines[-1] if lines else 'unknown error'
+
+
+def require_extension(user: str, instead: str) -> ModuleType:
+    """The loaded extension, or a ``RuntimeError`` saying that ``user`` needs it, why it could
+    not be built, and what to use ``instead``."""
+    ext = load_extension()
+    if ext is None:
+        raise RuntimeError(f'{user}: the C++ extension could not be built ({_error}); use '
+                           f'{instead}')
+    return ext
 
 
 def extension_available() -> bool:

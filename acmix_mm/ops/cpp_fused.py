@@ -25,7 +25,6 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
-
 import torch.nn.functional as F
 
 from ..utils.allocator import freed_memory_retained
@@ -58,12 +57,8 @@ def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.
 
 
 def _require_extension():
-    ext = cpp_extension.load_extension()
-    if ext is None:
-        raise RuntimeError("ACMix's fused C++ branches: the C++ extension could not be built "
-                           f'({cpp_extension.extension_error()}); use attn_impl="lean" or '
-                           'conv_impl="conv"')
-    return ext
+    return cpp_extension.require_extension("ACMix's fused C++ branches",
+                                           'attn_impl="lean" or conv_impl="conv"')
 
 
 def split_projection(proj: torch.Tensor, head: int, stride: int

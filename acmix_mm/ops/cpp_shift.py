@@ -33,12 +33,7 @@ _CPP_DTYPES = (torch.float32, torch.float64)
 
 
 def _require_extension():
-    ext = cpp_extension.load_extension()
-    if ext is None:
-        raise RuntimeError("ACMix conv_impl 'cpp': the C++ extension could not be built "
-                           f'({cpp_extension.extension_error()}); use conv_impl="conv" or '
-                           '"auto"')
-    return ext
+    return cpp_extension.require_extension("ACMix conv_impl 'cpp'", 'conv_impl="conv" or "auto"')
 
 
 @torch.library.custom_op('acmix_mm::shift_conv_cpp', mutates_args=())

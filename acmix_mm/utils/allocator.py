@@ -14,12 +14,13 @@ so it is opt-in: ``tools/train.py``, ``tools/benchmark.py``, ``tools/benchmark_o
 ``tools/benchmark_record.py`` take ``--retain-freed-memory``. ACMix's fused CPU path reads
 :func:`freed_memory_retained` to choose how it runs its projection
 (:func:`acmix_mm.ops.cpp_fused.project`). The same effect without code: start Python with
-``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<bytes>`` in the environment.
+``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=-1`` in the environment.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 from typing import Optional
@@ -35,7 +36,10 @@ _TRIM_NEVER = -1
 _retained = False
 
 
+@functools.lru_cache(maxsize=None)
 def _glibc() -> Optional[ctypes.CDLL]:
+    # Cached: freed_memory_retained() runs on every ACMix forward, and find_library may spawn
+    # a subprocess.
     if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
         return None
     try:

@@ -12,7 +12,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &acmix_mm::local_attention_backward,
         "local attention backward: (grad_q, grad_k, grad_v, grad_q_pos); empty if not needed");
   m.def("forward_add", &acmix_mm::local_attention_forward_add,
-        "local attention forward adding alpha * out into a given tensor: attn weights");
+        "local attention forward adding alpha * out into a given tensor; keeps no weights");
   m.def("attention_weights", &acmix_mm::local_attention_weights,
         "the forward's attention weights alone (..., K2, Ho, Wo), recomputed bit for bit");
   m.def("backward_add", &acmix_mm::local_attention_backward_add,

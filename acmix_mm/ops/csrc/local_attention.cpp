@@ -307,7 +307,7 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k,
   const T* vp = v.data_ptr<T>();
   const T* pp = q_pos.data_ptr<T>();
   T* op = weights_only ? nullptr : out.data_ptr<T>();
-  T* ap = attn.data_ptr<T>();
+  T* ap = attn.defined() ? attn.data_ptr<T>() : nullptr;  // undefined: weights not kept
   const int64_t q_cs = q.stride(-3), q_rs = q.stride(-2);
   const int64_t k_cs = k.stride(-3), k_rs = k.stride(-2);
   const int64_t v_cs = v.stride(-3), v_rs = v.stride(-2);
@@ -371,12 +371,12 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k,
         }
 #pragma omp simd
         for (int64_t x = 0; x < Wo_r; ++x) sm[x] = T(1) / sm[x];
-        T* arow = ap + n * g.K2 * HoWo + y * g.Wo;
+        T* arow = ap == nullptr ? nullptr : ap + n * g.K2 * HoWo + y * g.Wo;
         for (int64_t t = 0; t < g.K2; ++t) {
           T* __restrict l = logits.data() + t * Wo_r;
 #pragma omp simd
           for (int64_t x = 0; x < Wo_r; ++x) l[x] *= sm[x];
-          std::copy_n(l, g.Wo, arow + t * HoWo);
+          if (ap != nullptr) std::copy_n(l, g.Wo, arow + t * HoWo);
         }
       }
       if (weights_only) continue;
@@ -637,10 +637,12 @@ void backward_kv_impl(const Geometry& g, const at::Tensor& weights, const at::Te
 
 namespace {
 
+// Runs the forward into `out` (undefined: none) and returns the attention weights, or an
+// undefined tensor when `keep_weights` is false.
 at::Tensor forward_common(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor q_pos,
                           const at::Tensor& coord_x, const at::Tensor& coord_y, int64_t kernel,
                           int64_t dilation, int64_t stride, double scale, at::Tensor& out,
-                          bool accumulate, double alpha) {
+                          bool accumulate, double alpha, bool keep_weights = true) {
   q = unit_last_stride(q);
   k = unit_last_stride(k);
   v = unit_last_stride(v);
@@ -649,7 +651,7 @@ at::Tensor forward_common(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor q
   auto lead = q.sizes().slice(0, g.nlead).vec();
   auto attn_shape = lead;
   attn_shape.insert(attn_shape.end(), {g.K2, g.Ho, g.Wo});
-  auto attn = at::empty(attn_shape, q.options());
+  auto attn = keep_weights ? at::empty(attn_shape, q.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "acmix_local_attention_forward", [&] {
     if (stride == 1) {
       forward_impl<scalar_t, 1>(g, q, k, v, q_pos, coord_x, coord_y, scalar_t(scale), out, attn,
@@ -748,7 +750,7 @@ std::vector<at::Tensor> local_attention_forward(at::Tensor q, at::Tensor k, at::
   return {out, attn};
 }
 
-at::Tensor local_attention_forward_add(at::Tensor q, at::Tensor k, at::Tensor v,
+void local_attention_forward_add(at::Tensor q, at::Tensor k, at::Tensor v,
                                        at::Tensor q_pos, at::Tensor coord_x, at::Tensor coord_y,
                                        int64_t kernel, int64_t dilation, int64_t stride,
                                        double scale, at::Tensor out, double alpha) {
@@ -759,8 +761,8 @@ at::Tensor local_attention_forward_add(at::Tensor q, at::Tensor k, at::Tensor v,
                   out.scalar_type() == q.scalar_type(),
               "out must be a contiguous ", q.scalar_type(), " tensor of shape ",
               at::IntArrayRef(expected), ", got ", out.sizes());
-  return forward_common(q, k, v, q_pos, coord_x, coord_y, kernel, dilation, stride, scale, out,
-                        true, alpha);
+  forward_common(q, k, v, q_pos, coord_x, coord_y, kernel, dilation, stride, scale, out, true,
+                 alpha, false);
 }
 
 at::Tensor local_attention_weights(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor q_pos,

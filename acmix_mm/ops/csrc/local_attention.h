@@ -20,8 +20,8 @@ std::vector<at::Tensor> local_attention_backward(
     int64_t stride, double scale, bool need_q, bool need_k, bool need_v, bool need_pos);
 
 // Adds alpha * attention into `out` (contiguous, the output's shape) instead of returning it;
-// returns the attention weights.
-at::Tensor local_attention_forward_add(at::Tensor q, at::Tensor k, at::Tensor v,
+// keeps no attention weights (local_attention_weights recomputes them).
+void local_attention_forward_add(at::Tensor q, at::Tensor k, at::Tensor v,
                                        at::Tensor q_pos, at::Tensor coord_x, at::Tensor coord_y,
                                        int64_t kernel, int64_t dilation, int64_t stride,
                                        double scale, at::Tensor out, double alpha);

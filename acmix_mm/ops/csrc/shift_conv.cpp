@@ -348,16 +348,14 @@ void backward_impl(const ShiftGeometry& g, const T* x, const T* w, const T* gout
   }
 }
 
-}  // namespace
-
-namespace {
-
-// x with each image's (C, H, W) block contiguous (any batch stride), else a contiguous copy.
+// Whether each image's (C, H, W) block of x is contiguous (any batch stride): the layout the
+// kernels index, where x may be the first channels of a larger map.
 bool images_dense(const at::Tensor& x) {
   return x.size(0) >= 1 && x.select(0, 0).is_contiguous() &&
          (x.size(0) == 1 || x.stride(0) >= x.size(1) * x.size(2) * x.size(3));
 }
 
+// x itself if its images are dense, else a contiguous copy.
 at::Tensor images_contiguous(const at::Tensor& x) { return images_dense(x) ? x : x.contiguous(); }
 
 }  // namespace
